@@ -1,0 +1,1 @@
+"""Books -> cleaned text -> tokenizer -> multi-segment sample shards (Arrow + manifest.json)."""

@@ -1,0 +1,106 @@
+"""``memtrain``: the one console script. Parsers live here; each stage's code is imported lazily.
+
+Every subcommand takes ``--config FILE.yaml`` plus ``--set a.b=c`` overrides where it reads the
+experiment config, and turns a ``UserError`` into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pipeline.config import ExperimentConfig, load_config
+from pipeline.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+# subcommand -> "module:function"; the function takes the parsed args and returns an exit code.
+HANDLERS = {
+    "prep": "data_prep.cli:run_prep",
+    "prep-merge": "data_prep.cli:run_merge",
+    "train": "pipeline.train:run_train",
+    "eval": "pipeline.evaluate:run_eval",
+    "export": "pipeline.export:run_export",
+    "submit": "pipeline.submit:run_submit",
+    "demo": "pipeline.demo:run_demo",
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
+    parser.add_argument("--config", required=required and default is None, default=default,
+                        metavar="FILE.yaml", help="experiment config (YAML)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.lr=3e-4 memory.kind=rmt")
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(args.config, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memtrain", description="Train memory-augmented decoders (RMT, ARMT) on long books with DeepSpeed.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prep = commands.add_parser("prep", help="books -> tokenizer -> sample shards")
+    prep_actions = prep.add_subparsers(dest="prep_action", metavar="merge")
+    add_config_arguments(prep, required=False)
+    prep.add_argument("--shard-index", type=int, default=None, help="this task's slice of the books (SLURM array)")
+    prep.add_argument("--num-shards", type=int, default=None, help="how many slices the books are split into")
+    merge = prep_actions.add_parser("merge", help="write the final manifest after a prep job array")
+    merge.add_argument("dir", help="data.output_dir of the array")
+
+    train = commands.add_parser("train", help="train with DeepSpeed (resumes from the latest checkpoint)")
+    add_config_arguments(train)
+    train.add_argument("--nproc", type=int, default=1, help="start N local ranks with torchrun")
+
+    evaluate = commands.add_parser("eval", help="per-segment perplexity of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="train.output_dir or one checkpoint folder in it")
+    evaluate.add_argument("--json", default=None, metavar="OUT", help="also write the table as JSON")
+    add_config_arguments(evaluate, required=False)
+
+    export = commands.add_parser("export", help="checkpoint -> Hugging Face folder (and Hub)")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--out", required=True)
+    export.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    export.add_argument("--push", default=None, metavar="REPO_ID", help="upload to the Hugging Face Hub")
+    export.add_argument("--revision", default=None, metavar="BRANCH")
+    export.add_argument("--private", action="store_true")
+    export.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+
+    submit = commands.add_parser("submit", help="render the slurm/ templates and sbatch them")
+    add_config_arguments(submit)
+    submit.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
+    submit.add_argument("--what", choices=["train", "prep", "all"], default="train")
+
+    demo = commands.add_parser("demo", help="the whole pipeline on the built-in synthetic books")
+    add_config_arguments(demo, default=str(DEMO_CONFIG))
+    return parser
+
+
+def resolve_handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
+    name = "prep-merge" if getattr(args, "prep_action", None) == "merge" else args.command
+    module_name, func_name = HANDLERS[name].split(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "prep" and args.prep_action is None and args.config is None:
+        parser.error("memtrain prep needs --config FILE.yaml (or: memtrain prep merge DIR)")
+    try:
+        return int(resolve_handler(args)(args) or 0)
+    except UserError as err:
+        print(f"memtrain {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"memtrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The experiment config: one typed tree shared by every subcommand.
+
+A YAML file plus dotted overrides (``--set train.lr=3e-4``) become an ``ExperimentConfig``.
+Unknown keys are errors with a "did you mean" hint; every failure is a ``UserError``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Section):
+    """The built-in long-range books (see data_prep/synthetic.py for their structure)."""
+
+    seed: int = 0
+    words_per_book: int = Field(6000, ge=200)
+    facts_per_book: int = Field(12, ge=1)
+    min_recall_distance_segments: int = Field(4, ge=1)
+
+
+class DataConfig(Section):
+    source: str = "synthetic:200"
+    output_dir: str = "runs/demo/data"
+    text_field: str = "text"
+    segment_len: int = Field(128, ge=8)
+    n_segments: int = Field(8, ge=1)
+    tail: Literal["drop", "pad"] = "drop"
+    workers: int = Field(1, ge=1)
+    tokenizer: str | None = None
+    vocab_size: int = Field(4000, ge=64)
+    tokenizer_type: Literal["bpe", "unigram"] = "bpe"
+    byte_fallback: bool = True
+    tokenizer_sample_sentences: int = Field(2_000_000, ge=1000)
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    samples_per_shard: int = Field(1024, ge=1)
+    seed: int = 0
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @property
+    def sample_len(self) -> int:
+        return self.segment_len * self.n_segments
+
+
+class ModelConfig(Section):
+    """The base decoder: a local HF folder (``pretrained``) or a random init of ``arch``."""
+
+    arch: Literal["gpt2", "llama", "gpt_neox", "qwen2", "mistral"] = "gpt2"
+    pretrained: str | None = None
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int | None = None
+    max_positions: int = Field(1024, ge=16)
+    tie_embeddings: bool = True
+    layer_checkpointing: bool = False
+    segment_checkpointing: bool = True
+
+
+class MemoryConfig(Section):
+    kind: Literal["rmt", "armt", "none", "full"] = "rmt"
+    num_tokens: int = Field(8, ge=0)
+    bptt_depth: int = Field(-1, ge=-1)
+    armt_nu: int = Field(3, ge=1)
+    armt_d_mem: int | None = None
+
+
+class CurriculumStage(Section):
+    from_step: int = Field(ge=0)
+    n_segments: int = Field(ge=1)
+
+
+class TrainConfig(Section):
+    output_dir: str = "runs/demo/train"
+    ds_config: str = "ds_configs/zero3_cpu.json"
+    max_steps: int = Field(200, ge=1)
+    save_every: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    global_batch_size: int | None = None
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = 0
+    curriculum: list[CurriculumStage] = []
+    random_truncation: float = Field(0.0, ge=0.0, le=1.0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)
+
+    @field_validator("curriculum")
+    @classmethod
+    def _curriculum_sorted(cls, stages: list[CurriculumStage]) -> list[CurriculumStage]:
+        starts = [s.from_step for s in stages]
+        if starts != sorted(set(starts)):
+            raise ValueError("curriculum stages need strictly increasing from_step")
+        if stages and starts[0] != 0:
+            raise ValueError("the first curriculum stage must start at from_step 0")
+        return stages
+
+
+class EvalConfig(Section):
+    split: Literal["val", "test", "train"] = "val"
+    max_samples: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+    baseline: bool = False
+    history_target: bool = False
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "memtrain"
+    run_name: str | None = None
+
+
+class SlurmConfig(Section):
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(8, ge=0)
+    cpus_per_task: int = Field(8, ge=1)
+    partition: str | None = None
+    account: str | None = None
+    time: str = "24:00:00"
+    job_name: str = "memtrain"
+    signal_lead_s: int = Field(300, ge=10)
+    setup: list[str] = []
+    prep_array_tasks: int = Field(4, ge=1)
+    log_dir: str = "slurm-logs"
+
+
+class ExportConfig(Section):
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    license: str = "apache-2.0"
+    tags: list[str] = []
+    max_shard_size: str = "2GB"
+
+
+class ExperimentConfig(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    memory: MemoryConfig = MemoryConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    slurm: SlurmConfig = SlurmConfig()
+    export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentConfig":
+        for stage in self.train.curriculum:
+            if stage.n_segments > self.data.n_segments:
+                raise ValueError(
+                    f"train.curriculum asks for {stage.n_segments} segments but samples hold "
+                    f"data.n_segments={self.data.n_segments}"
+                )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml())
+        tmp.replace(path)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], yaml-parsed c)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set expects key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = tree
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(p for p in error["loc"] if not isinstance(p, int))
+    where = ".".join(str(p) for p in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        suffix = f"; did you mean {'.'.join([*map(str, loc[:-1]), hint[0]])!r}?" if hint else ""
+        return f"unknown config key {where!r}{suffix}"
+    return f"{where}: {error['msg']}"
+
+
+def build_config(tree: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise UserError("invalid config: " + "; ".join(_describe(e) for e in err.errors())) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read YAML (or start from defaults), apply ``--set`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections")
+        tree = loaded or {}
+    return build_config(apply_overrides(tree, overrides or []))
