@@ -117,7 +117,7 @@ class EvalConfig(Section):
     split: Literal["val", "test", "train"] = "val"
     max_samples: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
-    baseline: bool = False
+    baseline: str | None = None  # a `none` run's train.output_dir, evaluated on the same samples
     history_target: bool = False
 
 
