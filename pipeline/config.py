@@ -147,6 +147,8 @@ class ExportConfig(Section):
     license: str = "apache-2.0"
     tags: list[str] = []
     max_shard_size: str = "2GB"
+    max_new_tokens: int = Field(128, ge=1)  # generation_config.json default
+    log_to_mlflow: bool = False  # also attach the exported folder to the training's MLflow run
 
 
 class ExperimentConfig(Section):
