@@ -126,6 +126,8 @@ class TrackingConfig(Section):
     uri: str | None = None
     experiment: str = "memtrain"
     run_name: str | None = None
+    connect_timeout_s: float = Field(5.0, gt=0)  # how long start waits for an HTTP server
+    flush_timeout_s: float = Field(30.0, ge=0)  # how long finish waits to deliver what is buffered
 
 
 class SlurmConfig(Section):
