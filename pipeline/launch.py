@@ -1,0 +1,176 @@
+"""Who am I in the job: rank, world size and rendezvous address from torchrun, the deepspeed
+launcher, ``srun``, or nothing at all; and ``--nproc N`` as an in-process torchrun.
+
+Precedence: an explicit ``RANK``/``WORLD_SIZE`` (torchrun, the deepspeed launcher, or a user)
+wins; then ``srun`` (``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_STEP_NUM_TASKS``); otherwise this
+is a single process and gets rank 0 of 1 on 127.0.0.1 with a free port.
+
+Under ``srun`` every task is one rank. The master is the first host of the job's node list
+(``scontrol show hostnames``) and the port is derived from the job id, so that two jobs sharing a
+node do not collide; an exported ``MASTER_ADDR``/``MASTER_PORT`` overrides either.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from pipeline.errors import UserError
+
+EXIT_PREEMPTED = 85  # "checkpoint saved, please requeue"; pipeline.train re-exports it
+PORT_BASE, PORT_SPAN = 20000, 20000  # srun: MASTER_PORT = PORT_BASE + job_id % PORT_SPAN
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" (also the deepspeed launcher), "srun" or "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def export(self) -> None:
+        """Write the variables torch.distributed's env:// rendezvous reads."""
+        os.environ.update(
+            RANK=str(self.rank), LOCAL_RANK=str(self.local_rank), WORLD_SIZE=str(self.world_size),
+            MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port),
+        )
+
+
+def under_launcher(environ: Mapping[str, str] = os.environ) -> bool:
+    """True when some launcher made this process one rank of a job."""
+    return "RANK" in environ and "WORLD_SIZE" in environ or "SLURM_PROCID" in environ and _slurm_ntasks(environ) is not None
+
+
+def detect(environ: Mapping[str, str] = os.environ) -> DistEnv:
+    """Read this process's place in the job from the environment (nothing is exported)."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistEnv(
+            rank=_int(environ, "RANK"), local_rank=_int(environ, "LOCAL_RANK", 0),
+            world_size=_int(environ, "WORLD_SIZE"),
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(environ, "MASTER_PORT", 29500), launcher="torchrun",
+        )
+    ntasks = _slurm_ntasks(environ)
+    if "SLURM_PROCID" in environ and ntasks is not None:
+        job_id = environ.get("SLURM_JOB_ID", "0")
+        port = environ.get("MASTER_PORT") or str(PORT_BASE + int(job_id) % PORT_SPAN if job_id.isdigit() else 29500)
+        return DistEnv(
+            rank=_int(environ, "SLURM_PROCID"), local_rank=_int(environ, "SLURM_LOCALID", 0),
+            world_size=ntasks,
+            master_addr=environ.get("MASTER_ADDR") or slurm_master(environ),
+            master_port=int(port), launcher="srun",
+        )
+    return DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1",
+                   master_port=free_port(), launcher="none")
+
+
+def setup(environ: Mapping[str, str] = os.environ) -> DistEnv:
+    """Detect this rank and export the env:// variables for ``deepspeed.init_distributed``."""
+    dist_env = detect(environ)
+    if dist_env.world_size < 1 or not 0 <= dist_env.rank < dist_env.world_size:
+        raise UserError(f"inconsistent launcher environment: rank {dist_env.rank} of world size {dist_env.world_size}")
+    dist_env.export()
+    return dist_env
+
+
+def slurm_master(environ: Mapping[str, str]) -> str:
+    """First host of the job's node list: ``scontrol show hostnames``, or, where scontrol cannot
+    answer (no slurm.conf on this host), the first entry of the compressed list itself."""
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise UserError("running under srun but SLURM_JOB_NODELIST is not set; export MASTER_ADDR")
+    if shutil.which("scontrol") is not None:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False)
+        hosts = out.stdout.split()
+        if out.returncode == 0 and hosts:
+            return hosts[0]
+    return first_host(nodelist)
+
+
+def first_host(nodelist: str) -> str:
+    """``gpu[07-09,12]-ib,cpu1`` -> ``gpu07-ib`` (Slurm's compressed host list, first entry)."""
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist)
+    if match is None or not match.group(0):
+        raise UserError(f"cannot read the SLURM node list {nodelist!r}; export MASTER_ADDR")
+    prefix, ranges, suffix = match.groups()
+    first = ranges.split(",")[0].split("-")[0] if ranges else ""
+    return f"{prefix}{first}{suffix}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _slurm_ntasks(environ: Mapping[str, str]) -> int | None:
+    # srun exports the step's task count; the batch script itself only has the job's
+    value = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")
+    return int(value) if value and value.isdigit() else None
+
+
+def _int(environ: Mapping[str, str], key: str, default: int | None = None) -> int:
+    value = environ.get(key)
+    if value is None and default is not None:
+        return default
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UserError(f"launcher variable {key}={value!r} is not an integer") from None
+
+
+def run_local_ranks(nproc: int, argv: Sequence[str], on_cpu: bool) -> int:
+    """``torchrun --standalone --nproc_per_node N -m pipeline.cli ARGV`` run in this process.
+
+    torchrun's own code path (parse_args, config_from_args, elastic_launch), so that the ranks'
+    exit codes come back: when they all stop with EXIT_PREEMPTED that is this command's code too.
+    SIGUSR2/SIGTERM sent to this process are forwarded to the ranks, which save and exit.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, parse_args
+
+    if on_cpu:
+        os.environ["OMP_NUM_THREADS"] = "1"
+    torchrun_args = parse_args([
+        "--standalone", f"--nproc_per_node={nproc}", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",
+        "-m", "pipeline.cli", *argv,
+    ])
+    config, cmd, cmd_args = config_from_args(torchrun_args)
+    previous = {sig: signal.signal(sig, _forward_to_children) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+        return 0
+    except ChildFailedError as err:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        if EXIT_PREEMPTED in codes and codes <= {EXIT_PREEMPTED, -signal.SIGTERM}:
+            return EXIT_PREEMPTED
+        print(f"memtrain train: rank(s) failed with exit code(s) {sorted(codes)}; see the output above",
+              file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _forward_to_children(signum: int, frame: object) -> None:
+    import psutil
+
+    for child in psutil.Process().children(recursive=False):
+        try:
+            child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
