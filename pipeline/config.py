@@ -132,7 +132,8 @@ class TrackingConfig(Section):
 
 class SlurmConfig(Section):
     nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(8, ge=0)
+    gpus_per_node: int = Field(8, ge=0)  # 0: CPU-only nodes, tasks_per_node ranks each
+    tasks_per_node: int | None = Field(None, ge=1)  # None: one task per GPU (1 when gpus_per_node is 0)
     cpus_per_task: int = Field(8, ge=1)
     partition: str | None = None
     account: str | None = None
