@@ -114,20 +114,32 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
+    """Per-segment perplexity (``memtrain eval`` and the periodic eval during training)."""
+
     split: Literal["val", "test", "train"] = "val"
+    """The data split scored."""
     max_samples: int = Field(64, ge=1)
+    """Score the first N samples of the split (all of them if it holds fewer)."""
     batch_size: int = Field(8, ge=1)
-    baseline: str | None = None  # a `none` run's train.output_dir, evaluated on the same samples
+    """Samples per forward call, per rank."""
+    baseline: str | None = None
+    """A `none` run's train.output_dir, evaluated on the same samples by `memtrain eval`."""
     history_target: bool = False
+    """Also score only the last segment of each sample given h = 0..n-1 segments of history."""
 
 
 class TrackingConfig(Section):
+    """MLflow tracking (rank 0)."""
+
     enabled: bool = True
     uri: str | None = None
+    """Tracking URI; unset: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
     experiment: str = "memtrain"
     run_name: str | None = None
-    connect_timeout_s: float = Field(5.0, gt=0)  # how long start waits for an HTTP server
-    flush_timeout_s: float = Field(30.0, ge=0)  # how long finish waits to deliver what is buffered
+    connect_timeout_s: float = Field(5.0, gt=0)
+    """How long the start of training waits for an HTTP tracking server before it is an error."""
+    flush_timeout_s: float = Field(30.0, ge=0)
+    """How long the end of training waits to deliver buffered points; what is left stays in the spool file."""
 
 
 class SlurmConfig(Section):

@@ -1,0 +1,346 @@
+"""Exact per-segment perplexity of a memory model, in one process or across ZeRO-3 ranks.
+
+Segment k's numbers are the model's own: the predictions made from segment k's positions
+(targets k*L+1 .. (k+1)*L), summed over every sample before dividing, so
+``ppl_k = exp(sum NLL / sum tokens)``, never an average of per-batch averages. Recall numbers are
+the same sums over the targets whose ``recall_mask`` is 1 (facts only memory can predict).
+
+The history+target protocol (``eval.history_target``) scores only the last segment of each
+sample, fed with h = 0 .. n-1 previous segments: the target segment's perplexity as a function
+of how much history the model has read. At h = n-1 it is the last row of the per-segment table.
+
+Under ZeRO-3 every forward gathers parameters collectively, so every rank must make the same
+forward calls: rank r takes samples r, r+world, ... and pads its share to ceil(n/world) with a
+copy of a sample whose targets are all masked (weight zero). Sums are all-reduced at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import ExperimentConfig, apply_overrides, build_config, load_config
+from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
+    import torch
+
+COLUMNS = ("input_ids", "loss_mask", "recall_mask")
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    """exp(mean NLL); nan when nothing was counted, inf past float range."""
+    if tokens == 0:
+        return math.nan
+    try:
+        return math.exp(nll_sum / tokens)
+    except OverflowError:
+        return math.inf
+
+
+@dataclass(frozen=True)
+class NllRow:
+    """NLL sums over one group of targets: a segment, or the target segment after h history segments."""
+
+    nll_sum: float
+    tokens: int
+    recall_nll_sum: float = 0.0
+    recall_tokens: int = 0
+
+    @property
+    def ppl(self) -> float:
+        return perplexity(self.nll_sum, self.tokens)
+
+    @property
+    def recall_ppl(self) -> float:
+        return perplexity(self.recall_nll_sum, self.recall_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nll_sum": self.nll_sum, "tokens": self.tokens, "ppl": _finite_or_none(self.ppl),
+                "recall_nll_sum": self.recall_nll_sum, "recall_tokens": self.recall_tokens,
+                "recall_ppl": _finite_or_none(self.recall_ppl)}
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> "NllRow":
+        return cls(float(row["nll_sum"]), int(row["tokens"]), float(row["recall_nll_sum"]), int(row["recall_tokens"]))
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One evaluation: ``segments[k]`` is segment k, ``history[h]`` the target segment after h segments."""
+
+    split: str
+    n_samples: int
+    segment_len: int
+    segments: list[NllRow]
+    history: list[NllRow] | None = None
+    baseline: "EvalResult | None" = None  # the `none` run on the same samples
+
+    @property
+    def total(self) -> NllRow:
+        return NllRow(sum(r.nll_sum for r in self.segments), sum(r.tokens for r in self.segments),
+                      sum(r.recall_nll_sum for r in self.segments), sum(r.recall_tokens for r in self.segments))
+
+    @property
+    def ppl(self) -> float:
+        return self.total.ppl
+
+    @property
+    def recall_ppl(self) -> float:
+        return self.total.recall_ppl
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "split": self.split, "n_samples": self.n_samples, "segment_len": self.segment_len,
+            "ppl": _finite_or_none(self.ppl), "recall_ppl": _finite_or_none(self.recall_ppl),
+            "segments": [{"segment": k, **row.to_dict()} for k, row in enumerate(self.segments)],
+            "history_target": None if self.history is None else
+            [{"history": h, **row.to_dict()} for h, row in enumerate(self.history)],
+            "baseline": None if self.baseline is None else self.baseline.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
+        history = data.get("history_target")
+        return cls(
+            split=data["split"], n_samples=int(data["n_samples"]), segment_len=int(data["segment_len"]),
+            segments=[NllRow.from_dict(row) for row in data["segments"]],
+            history=None if history is None else [NllRow.from_dict(row) for row in history],
+            baseline=None if data.get("baseline") is None else cls.from_dict(data["baseline"]),
+        )
+
+    def to_json(self, path: str | Path) -> Path:
+        return _write_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "EvalResult":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_csv(self, path: str | Path) -> Path:
+        """One tidy table: a row per (run, protocol, segment, history), ready for pandas or a sheet."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["run", "protocol", "segment", "history", "nll_sum", "tokens", "ppl",
+                             "recall_nll_sum", "recall_tokens", "recall_ppl"])
+            runs = [("model", self)] + ([("baseline", self.baseline)] if self.baseline else [])
+            for name, result in runs:
+                last = len(result.segments) - 1
+                for k, row in enumerate(result.segments):
+                    writer.writerow([name, "per_segment", k, k, *_csv_cells(row)])
+                for h, row in enumerate(result.history or []):
+                    writer.writerow([name, "history_target", last, h, *_csv_cells(row)])
+        tmp.replace(path)
+        return path
+
+    def format_table(self, markdown: bool = False) -> str:
+        """segment | ppl | recall ppl [| baseline ppl | baseline recall ppl], then the history table."""
+        recall = any(r.recall_tokens for r in self.segments)
+        tables = [_table("segment", self.segments, self.baseline and self.baseline.segments, recall, markdown,
+                         total=(self.total, self.baseline and self.baseline.total))]
+        if self.history is not None:
+            tables.append(_table("history", self.history, self.baseline and self.baseline.history, recall, markdown,
+                                 label="target "))
+        return "\n\n".join(tables)
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: nothing counted is written as null."""
+    return None if math.isnan(value) else value
+
+
+def _csv_cells(row: NllRow) -> list[Any]:
+    return [row.nll_sum, row.tokens, row.ppl, row.recall_nll_sum, row.recall_tokens, row.recall_ppl]
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def _table(index: str, rows: list[NllRow], baseline: list[NllRow] | None, recall: bool, markdown: bool,
+           total: tuple[NllRow, NllRow | None] | None = None, label: str = "") -> str:
+    header = [index, f"{label}ppl"] + ([f"{label}recall ppl"] if recall else [])
+    if baseline:
+        header += [f"baseline {label}ppl"] + ([f"baseline {label}recall ppl"] if recall else [])
+
+    def cells(name: str, row: NllRow, base: NllRow | None) -> list[str]:
+        out = [name, _num(row.ppl)] + ([_num(row.recall_ppl)] if recall else [])
+        if base is not None:
+            out += [_num(base.ppl)] + ([_num(base.recall_ppl)] if recall else [])
+        return out
+
+    body = [cells(str(i), row, baseline[i] if baseline else None) for i, row in enumerate(rows)]
+    if total is not None:
+        body.append(cells("all", total[0], total[1] if baseline else None))
+    if markdown:
+        lines = [header, ["---:"] * len(header), *body]
+        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+    widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in [header, *body])
+
+
+def _num(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"
+
+
+# --- computing it -------------------------------------------------------------------------------
+
+
+def evaluate_model(model: "torch.nn.Module", dataset: "datasets.Dataset", cfg: ExperimentConfig,
+                   n_segments: int | None = None) -> EvalResult:
+    """Per-segment NLL sums of ``model`` over the first ``eval.max_samples`` samples of ``dataset``.
+
+    ``model`` is a MemoryModelForCausalLM or a DeepSpeed engine around one; ``n_segments`` limits
+    every sample to its first n segments (default: all). Call it on every rank when
+    torch.distributed is initialised; every rank gets the same result.
+    """
+    import torch
+    import torch.distributed as dist
+
+    seg_len = cfg.data.segment_len
+    if len(dataset) == 0:
+        raise UserError(f"the {cfg.eval.split} split holds no samples to evaluate")
+    sample_segments = len(dataset[0]["input_ids"]) // seg_len
+    n = sample_segments if n_segments is None else n_segments
+    if not 1 <= n <= sample_segments:
+        raise ValueError(f"n_segments={n_segments}: samples hold {sample_segments} segments of {seg_len} tokens")
+    n_samples = min(cfg.eval.max_samples, len(dataset))
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+
+    # (first, last) segment of each window: the whole sample, then the history+target windows.
+    windows = [(0, n)] + ([(n - 1 - h, n) for h in range(n)] if cfg.eval.history_target else [])
+    sums = [torch.zeros(4, last - first, dtype=torch.float64) for first, last in windows]
+    rows = dataset.with_format("torch", columns=list(COLUMNS))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for indices, weights in _rank_batches(n_samples, rank, world, cfg.eval.batch_size):
+                batch = rows[indices]
+                for window_sums, (first, last) in zip(sums, windows):
+                    window_sums += _window_sums(model, batch, weights, first * seg_len, last * seg_len, seg_len)
+    finally:
+        model.train(was_training)
+
+    flat = torch.cat([s.flatten() for s in sums])
+    if distributed:
+        flat = flat.to(_device_of(model))
+        dist.all_reduce(flat)
+        flat = flat.cpu()
+    sums = [part.view(4, -1) for part in flat.split([s.numel() for s in sums])]
+    history = [_nll_rows(s[:, -1:])[0] for s in sums[1:]] if cfg.eval.history_target else None
+    return EvalResult(split=cfg.eval.split, n_samples=n_samples, segment_len=seg_len,
+                      segments=_nll_rows(sums[0]), history=history)
+
+
+def _nll_rows(sums: "torch.Tensor") -> list[NllRow]:
+    return [NllRow(float(s[0]), round(float(s[1])), float(s[2]), round(float(s[3]))) for s in sums.T]
+
+
+def _rank_batches(n_samples: int, rank: int, world: int, batch_size: int) -> list[tuple[list[int], "torch.Tensor"]]:
+    """This rank's samples in batches, padded so every rank makes the same calls with the same shapes."""
+    import torch
+
+    mine = list(range(rank, n_samples, world))
+    share = -(-n_samples // world)
+    padded = mine + [mine[0] if mine else 0] * (share - len(mine))
+    real = torch.arange(share) < len(mine)
+    return [(padded[i:i + batch_size], real[i:i + batch_size]) for i in range(0, share, batch_size)]
+
+
+def _window_sums(model: "torch.nn.Module", batch: dict[str, "torch.Tensor"], weights: "torch.Tensor",
+                 start: int, end: int, seg_len: int) -> "torch.Tensor":
+    """[4, n_window_segments] float64: NLL sum, tokens, recall NLL sum, recall tokens per segment."""
+    import torch
+
+    ids = batch["input_ids"][:, start:end].long()
+    counted = batch["loss_mask"][:, start:end].bool() & weights[:, None]
+    counted[:, 0] = False  # the window's first token has nothing before it to be predicted from
+    recall = counted & batch["recall_mask"][:, start:end].bool()
+    device = _device_of(model)
+    out = model(input_ids=ids.to(device), labels=ids.masked_fill(~counted, -100).to(device), return_token_nll=True)
+
+    n_window = (end - start) // seg_len
+    segment_of_target = (torch.arange(end - start) - 1).clamp(min=0) // seg_len  # target t comes from position t-1
+    token_nll = out.token_nll.detach().double().cpu()
+    recall_nll = torch.zeros(n_window, dtype=torch.float64).index_add_(0, segment_of_target, (token_nll * recall).sum(0))
+    recall_tokens = torch.zeros(n_window, dtype=torch.float64).index_add_(0, segment_of_target, recall.sum(0).double())
+    return torch.stack([out.segment_nll.detach().double().cpu(), out.segment_tokens.detach().double().cpu(),
+                        recall_nll, recall_tokens])
+
+
+def _device_of(model: "torch.nn.Module") -> "torch.device":
+    device = getattr(model, "device", None)  # DeepSpeedEngine and PreTrainedModel both have one
+    return device if device is not None else next(model.parameters()).device
+
+
+# --- memtrain eval ------------------------------------------------------------------------------
+
+
+def eval_config(checkpoint_cfg: ExperimentConfig, config_file: str | None, overrides: list[str]) -> ExperimentConfig:
+    """The checkpoint's config with the eval section of ``config_file`` and ``--set eval.*`` applied."""
+    outside = [item for item in overrides if not item.strip().startswith("eval.")]
+    if outside:
+        raise UserError(f"memtrain eval only changes eval.* keys (the checkpoint fixes the rest); got {outside[0]!r}")
+    tree = checkpoint_cfg.model_dump(mode="json")
+    if config_file is not None:
+        tree["eval"] = load_config(config_file).eval.model_dump(mode="json")
+    return build_config(apply_overrides(tree, overrides))
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``memtrain eval --checkpoint DIR [--json OUT]``: print the per-segment table, save it beside the run."""
+    from data_prep.manifest import read_manifest
+    from data_prep.shards import open_split
+    from pipeline.report import save_eval
+
+    model, cfg, run_dir, step, manifest = _load_checkpoint(args.checkpoint)
+    cfg = eval_config(cfg, args.config, args.overrides)
+    data_manifest = read_manifest(cfg.data.output_dir)
+    if data_manifest.get("tokenizer_hash") != manifest.get("tokenizer_hash"):
+        raise UserError(f"the data in {cfg.data.output_dir} was tokenized differently from the checkpoint's data")
+    dataset = open_split(cfg.data.output_dir, cfg.eval.split)
+    result = evaluate_model(model, dataset, cfg)
+    if cfg.eval.baseline:
+        base_model, base_cfg, _, _, base_manifest = _load_checkpoint(cfg.eval.baseline)
+        if (base_cfg.data.segment_len, base_manifest.get("tokenizer_hash")) != (cfg.data.segment_len, manifest.get("tokenizer_hash")):
+            raise UserError(f"eval.baseline {cfg.eval.baseline} was trained on other segments or another tokenizer")
+        base_cfg = base_cfg.model_copy(update={"eval": cfg.eval})
+        result = replace(result, baseline=evaluate_model(base_model, dataset, base_cfg, len(result.segments)))
+
+    print(f"{run_dir} step {step}: {result.n_samples} {cfg.eval.split} samples, "
+          f"{len(result.segments)} segments of {result.segment_len} tokens, ppl {result.ppl:.3f}")
+    print(result.format_table())
+    saved = save_eval(result, run_dir / "eval", f"step_{step:08d}")
+    if args.json:
+        saved.insert(0, result.to_json(args.json))
+    print("wrote " + ", ".join(str(p) for p in saved))
+    return 0
+
+
+def _load_checkpoint(path: str) -> tuple["torch.nn.Module", ExperimentConfig, Path, int, dict[str, Any]]:
+    """(model, config, run dir, step, data manifest) of a checkpoint folder, on CPU in one process."""
+    from pipeline.checkpoint import load_consolidated
+    from pipeline.export import build_from_state_dict, read_json  # the export's checkpoint -> model helpers
+
+    state_dict, cfg, tag_dir = load_consolidated(path)
+    tag_dir = Path(tag_dir)
+    run_dir = tag_dir.parent.parent  # <train.output_dir>/checkpoints/<tag>
+    manifest = read_json(run_dir / "data_manifest.json", "data manifest")
+    step = int(read_json(tag_dir / "memtrain_state.json", "checkpoint state")["step"])
+    model = build_from_state_dict(cfg, manifest, state_dict)
+    return model, cfg, run_dir, step, manifest
+

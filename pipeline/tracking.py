@@ -1,0 +1,464 @@
+"""MLflow tracking of a training run: rank 0 logs, every other rank holds a no-op tracker.
+
+Start: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's default local store
+(``sqlite:///mlflow.db`` in the working directory). A run id from the checkpoint reattaches to
+that run (resume, requeue); an HTTP server that does not answer within
+``tracking.connect_timeout_s`` is a UserError.
+
+Delivery never blocks or fails training and never loses a point. Every record (metric point,
+artifact, final status) is appended to a spool file in ``train.output_dir`` and queued in
+memory; a background thread sends the queue in order and retries with backoff while the server
+is away. The spool is cut back to its header whenever the queue is empty, so it holds at most
+what the server may not have yet. If the server is still away when ``finish`` gives up, the
+spool stays and ``python -m pipeline.tracking upload-spool FILE`` sends it later; a job that
+reattaches to the run sends it first.
+
+Exactly once: a point keeps the timestamp it was logged with, so sending it twice is harmless
+(MLflow's SQL stores key a point by key, step, timestamp and value), and a point at or below
+the last step the run already holds for its key is skipped: a resumed job replays the steps
+after its checkpoint, with identical values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+from pipeline.config import ExperimentConfig, flatten
+from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from pipeline.evaluate import EvalResult
+
+SPOOL_NAME = "mlflow_spool.jsonl"
+MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on a param value
+METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
+PARAMS_PER_REQUEST = 100
+MAX_BACKOFF_S = 5.0
+
+
+def start_tracking(cfg: ExperimentConfig, ds_config: dict[str, Any] | None = None, run_id: str | None = None,
+                   world_size: int = 1, rank: int | None = None) -> "NullTracker":
+    """A live ``Tracker`` on rank 0 (``rank`` defaults to $RANK), a ``NullTracker`` elsewhere or when disabled."""
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    if rank != 0 or not cfg.tracking.enabled:
+        return NullTracker()
+    return Tracker(cfg, ds_config, run_id, world_size)
+
+
+class NullTracker:
+    """What ranks other than 0 hold: the tracker's interface, doing nothing."""
+
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_eval(self, result: "EvalResult", step: int, files: Sequence[Path] = ()) -> None:
+        pass
+
+    def log_final_curve(self, result: "EvalResult", files: Sequence[Path] = ()) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class Tracker(NullTracker):
+    """Rank 0's MLflow run. Every ``log_*`` call returns at once; see the module docstring."""
+
+    def __init__(self, cfg: ExperimentConfig, ds_config: dict[str, Any] | None, run_id: str | None,
+                 world_size: int) -> None:
+        self._flush_timeout_s = cfg.tracking.flush_timeout_s
+        self._client, self.tracking_uri = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)
+        try:
+            run = self._reattach(run_id) if run_id else self._create_run(cfg)
+            self.run_id: str = run.info.run_id
+            self._log_run_facts(run, cfg, ds_config, world_size)
+        except Exception as err:  # noqa: BLE001 - any failure of the store at start is the user's to fix
+            raise UserError(f"MLflow at {self.tracking_uri}: {_first_line(err)}") from None
+        # key -> highest step queued; a resumed run starts from what the server holds.
+        self._last_step = {m.key: m.step for m in run.data.to_proto().metrics}
+        self.skipped = 0  # points dropped because their step was already logged
+
+        self._pending: deque[dict[str, Any]] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self.spool = _Spool(Path(cfg.train.output_dir) / SPOOL_NAME, self.run_id, self.tracking_uri)
+        self._enqueue(self._filter_new(self.spool.leftover), spool=False)
+        self._sender = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+        self._sender.start()
+
+    # --- the public interface ---
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue one point per key at ``step``; a step at or below the key's last one is skipped."""
+        now = _now_ms()
+        self._enqueue(self._filter_new(
+            {"kind": "metric", "key": key, "value": float(value), "step": int(step), "timestamp": now}
+            for key, value in metrics.items()))
+
+    def log_eval(self, result: "EvalResult", step: int, files: Sequence[Path] = ()) -> None:
+        """``eval/ppl_seg_XX`` and ``eval/recall_ppl_seg_XX`` series and ``eval/ppl`` at the training step."""
+        self.log_metrics(eval_metrics(result), step)
+        for path in files:
+            self.log_artifact(path, "eval")
+
+    def log_final_curve(self, result: "EvalResult", files: Sequence[Path] = ()) -> None:
+        """Each curve as one metric with step = segment index (or history length): MLflow draws ppl vs segment."""
+        for key, values in final_curves(result).items():
+            for index, value in enumerate(values):
+                if not math.isnan(value):
+                    self.log_metrics({key: value}, index)
+        for path in files:
+            self.log_artifact(path, "final")
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file that stays on disk (it is sent from there, possibly later)."""
+        self._enqueue([{"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path}])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run (FINISHED, FAILED, KILLED), waiting at most ``tracking.flush_timeout_s`` to deliver."""
+        self._enqueue([{"kind": "status", "status": status, "timestamp": _now_ms()}])
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._sender.join(self._flush_timeout_s)
+        with self._cond:
+            left = len(self._pending)
+        if left == 0:
+            self.spool.remove()
+            return
+        _warn(f"{left} records not delivered to {self.tracking_uri}; they are kept in {self.spool.path}. "
+              f"Upload them later with: {sys.executable} -m pipeline.tracking upload-spool {self.spool.path}")
+
+    # --- starting ---
+
+    def _create_run(self, cfg: ExperimentConfig) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        experiment = self._client.get_experiment_by_name(cfg.tracking.experiment)
+        if experiment is None:
+            try:
+                experiment_id = self._client.create_experiment(cfg.tracking.experiment)
+            except MlflowException:  # created meanwhile by another job
+                experiment_id = self._client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        return self._client.create_run(experiment_id, run_name=cfg.tracking.run_name)
+
+    def _reattach(self, run_id: str) -> Any:
+        run = self._client.get_run(run_id)
+        self._client.update_run(run_id, status="RUNNING")
+        return run
+
+    def _log_run_facts(self, run: Any, cfg: ExperimentConfig, ds_config: dict[str, Any] | None,
+                       world_size: int) -> None:
+        """Params (config + DeepSpeed JSON), tags and the two config files as artifacts."""
+        from mlflow.entities import Param, RunTag
+
+        params = {key: str(value)[:MAX_PARAM_LENGTH] for key, value in run_params(cfg, ds_config).items()}
+        held = run.data.params
+        changed = sorted(key for key in params if key in held and held[key] != params[key])
+        if changed:
+            _warn(f"config changed since run {self.run_id} started; MLflow keeps the first values of: "
+                  + ", ".join(changed))
+        new = [Param(key, value) for key, value in params.items() if key not in held]
+        for i in range(0, len(new), PARAMS_PER_REQUEST):
+            self._client.log_batch(self.run_id, params=new[i:i + PARAMS_PER_REQUEST])
+        tags = run_tags(cfg, world_size)
+        self._client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+        self._client.log_text(self.run_id, cfg.to_yaml(), "config/config.yaml")
+        if ds_config is not None:
+            self._client.log_dict(self.run_id, ds_config, "config/ds_config.json")
+
+    # --- the queue ---
+
+    def _filter_new(self, records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Drop metric points at or below the last step queued for their key; keep the rest in order."""
+        kept = []
+        for record in records:
+            if record["kind"] == "metric":
+                if record["step"] <= self._last_step.get(record["key"], -math.inf):
+                    self.skipped += 1
+                    continue
+                self._last_step[record["key"]] = record["step"]
+            elif record["kind"] == "status":
+                continue  # a previous job's end; this job sets its own
+            kept.append(record)
+        return kept
+
+    def _enqueue(self, records: list[dict[str, Any]], spool: bool = True) -> None:
+        if not records:
+            return
+        with self._cond:
+            if spool:
+                self.spool.append(records)  # best effort: the records are in memory either way
+            self._pending.extend(records)
+            self._cond.notify_all()
+
+    def _send_loop(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch = _next_batch(self._pending)
+            try:
+                deliver(self._client, self.run_id, batch)
+            except Exception as err:  # noqa: BLE001 - nothing the store raises may reach training
+                if not _is_transient(err):
+                    _warn(f"dropped {len(batch)} records the server refused: {_first_line(err)}")
+                else:
+                    failures += 1
+                    if failures == 1:
+                        _warn(f"{self.tracking_uri} is not answering ({_first_line(err)}); "
+                              f"buffering in memory and {self.spool.path}, retrying")
+                    time.sleep(min(MAX_BACKOFF_S, 0.25 * 2 ** failures))
+                    continue
+            if failures:
+                _warn(f"{self.tracking_uri} is back after {failures} failed attempts; sending the backlog")
+                failures = 0
+            with self._cond:
+                for _ in batch:
+                    self._pending.popleft()
+                if not self._pending:
+                    self.spool.clear()
+
+
+def connect(uri: str | None, timeout_s: float) -> tuple["MlflowClient", str]:
+    """An MlflowClient for ``uri`` (or MLflow's own default) and the URI it resolved to."""
+    # The sender retries by itself; MLflow's own retries would hold its thread for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri and uri.startswith(("http://", "https://")):
+        wait_for_server(uri, timeout_s)
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        return client, client.tracking_uri
+    except Exception as err:  # noqa: BLE001 - a bad store URI is the user's to fix
+        raise UserError(f"MLflow tracking URI {uri!r}: {_first_line(err)}") from None
+
+
+def wait_for_server(uri: str, timeout_s: float) -> None:
+    """Return once anything answers HTTP at ``uri`` (``/health``), or raise a one-line UserError."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=max(0.1, min(2.0, timeout_s))):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered, maybe without a /health route: that is a server
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            if time.monotonic() >= deadline:
+                raise UserError(f"MLflow tracking server {uri} is unreachable ({reason}) after {timeout_s:g} s; "
+                                "start it, fix tracking.uri / MLFLOW_TRACKING_URI, "
+                                "or set tracking.enabled=false") from None
+            time.sleep(0.25)
+
+
+def run_params(cfg: ExperimentConfig, ds_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The flattened config plus the flattened DeepSpeed JSON under ``ds.``."""
+    return {**cfg.flat(), **flatten(ds_config or {}, "ds.")}
+
+
+def run_tags(cfg: ExperimentConfig, world_size: int) -> dict[str, str]:
+    tags = {"world_size": str(world_size), "memory.kind": cfg.memory.kind}
+    sha = _git_sha()
+    if sha:
+        tags["mlflow.source.git.commit"] = sha
+    if os.environ.get("SLURM_JOB_ID"):
+        tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
+    return tags
+
+
+def eval_metrics(result: "EvalResult") -> dict[str, float]:
+    """The metrics of one periodic eval (nothing for a quantity with no counted targets)."""
+    metrics = {"eval/ppl": result.ppl, "eval/recall_ppl": result.recall_ppl}
+    for k, row in enumerate(result.segments):
+        metrics[f"eval/ppl_seg_{k:02d}"] = row.ppl
+        metrics[f"eval/recall_ppl_seg_{k:02d}"] = row.recall_ppl
+    for h, row in enumerate(result.history or []):
+        metrics[f"eval/target_ppl_hist_{h:02d}"] = row.ppl
+    return {key: value for key, value in metrics.items() if not math.isnan(value)}
+
+
+def final_curves(result: "EvalResult") -> dict[str, list[float]]:
+    """Curves indexed by segment (or history length), each to be logged as one metric with step = index."""
+    curves = {"final/ppl_by_segment": [r.ppl for r in result.segments],
+              "final/recall_ppl_by_segment": [r.recall_ppl for r in result.segments]}
+    if result.history is not None:
+        curves["final/target_ppl_by_history"] = [r.ppl for r in result.history]
+    if result.baseline is not None:
+        curves["final/baseline_ppl_by_segment"] = [r.ppl for r in result.baseline.segments]
+        curves["final/baseline_recall_ppl_by_segment"] = [r.recall_ppl for r in result.baseline.segments]
+    return curves
+
+
+def deliver(client: "MlflowClient", run_id: str, records: list[dict[str, Any]]) -> None:
+    """Send records that ``_next_batch`` grouped: metric points, or one artifact, or one status."""
+    from mlflow.entities import Metric
+
+    first = records[0]
+    if first["kind"] == "metric":
+        client.log_batch(run_id, metrics=[Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in records])
+    elif first["kind"] == "artifact":
+        if Path(first["path"]).is_file():
+            client.log_artifact(run_id, first["path"], first["artifact_path"])
+        else:
+            _warn(f"artifact {first['path']} is gone; not uploaded")
+    else:
+        client.set_terminated(run_id, first["status"], end_time=first["timestamp"])
+
+
+def upload_spool(path: str | Path, tracking_uri: str | None = None) -> int:
+    """Send what a spool file holds to its run (points the run already has are skipped); remove it after."""
+    path = Path(path)
+    header, records = _Spool.read(path)
+    client, uri = connect(tracking_uri or header["tracking_uri"], timeout_s=10.0)
+    run = client.get_run(header["run_id"])
+    last_step = {m.key: m.step for m in run.data.to_proto().metrics}
+    records = [r for r in records if r["kind"] != "metric" or r["step"] > last_step.get(r["key"], -math.inf)]
+    pending = deque(records)
+    while pending:
+        batch = _next_batch(pending)
+        deliver(client, header["run_id"], batch)
+        for _ in batch:
+            pending.popleft()
+    path.unlink()
+    print(f"uploaded {len(records)} records of {path} to run {header['run_id']} at {uri}")
+    return len(records)
+
+
+class _Spool:
+    """The append-only JSONL file of records not yet known to be delivered: a header line, then records."""
+
+    def __init__(self, path: Path, run_id: str, tracking_uri: str) -> None:
+        self.path = path
+        self.leftover: list[dict[str, Any]] = []
+        if path.is_file():
+            header, records = self.read(path)
+            if header.get("run_id") == run_id:
+                self.leftover = records
+            else:  # another run's: keep it aside, it can still be uploaded
+                aside = path.with_name(f"mlflow_spool.{header.get('run_id', 'unknown')}.jsonl")
+                path.replace(aside)
+                _warn(f"found the spool of another run; moved it to {aside}. Upload it with: "
+                      f"{sys.executable} -m pipeline.tracking upload-spool {aside}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a")
+        if self._file.tell() == 0:
+            self._file.write(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}) + "\n")
+            self._file.flush()
+        self._header_bytes = len(path.read_bytes().split(b"\n", 1)[0]) + 1
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        try:
+            self._file.write("".join(json.dumps(r) + "\n" for r in records))
+            self._file.flush()
+        except OSError as err:  # a full disk must not stop training; memory still holds the records
+            _warn(f"could not write {self.path}: {err}")
+
+    def clear(self) -> None:
+        try:
+            self._file.truncate(self._header_bytes)
+        except OSError as err:
+            _warn(f"could not truncate {self.path}: {err}")
+
+    def remove(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    @staticmethod
+    def read(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        lines = path.read_text().splitlines()
+        if not lines:
+            raise UserError(f"{path} is empty; not a memtrain MLflow spool")
+        # a torn last line (killed mid-write) is dropped: its point was never acknowledged to the caller
+        records = []
+        for line in lines[1:]:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return json.loads(lines[0]), records
+
+
+def _next_batch(pending: deque[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The head of the queue: consecutive metric points (up to one request's worth), else one record."""
+    if pending[0]["kind"] != "metric":
+        return [pending[0]]
+    batch = []
+    for record in pending:
+        if record["kind"] != "metric" or len(batch) == METRICS_PER_REQUEST:
+            break
+        batch.append(record)
+    return batch
+
+
+def _is_transient(err: Exception) -> bool:
+    """Worth retrying: anything but the server saying the request itself is invalid."""
+    return getattr(err, "error_code", None) != "INVALID_PARAMETER_VALUE"
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _warn(message: str) -> None:
+    print(f"mlflow: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
+    commands = parser.add_subparsers(dest="command", required=True)
+    upload = commands.add_parser("upload-spool", help="send a spool file left by a run that lost its server")
+    upload.add_argument("file")
+    upload.add_argument("--tracking-uri", default=None, help="default: the URI recorded in the spool")
+    args = parser.parse_args(argv)
+    try:
+        upload_spool(args.file, args.tracking_uri)
+    except Exception as err:  # noqa: BLE001 - one line, the spool stays for the next try
+        print(f"upload-spool: error: {_first_line(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
