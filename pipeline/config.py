@@ -24,28 +24,48 @@ class SyntheticConfig(Section):
     """The built-in long-range books (see data_prep/synthetic.py for their structure)."""
 
     seed: int = 0
+    """Seed of the generator: the same seed gives byte-identical books."""
     words_per_book: int = Field(6000, ge=200)
+    """Approximate length of one book in words."""
     facts_per_book: int = Field(12, ge=1)
+    """Facts ("the key of Mara is in the cellar") introduced over one book."""
     min_recall_distance_segments: int = Field(4, ge=1)
+    """A recall token counts (recall_mask=1) only when the fact's previous mention lies this many
+    segments earlier in the same sample."""
+    active_facts: int = Field(2, ge=1)
+    """Facts in play at the same time; their mentions interleave so most samples hold a recall."""
 
 
 class DataConfig(Section):
     source: str = "synthetic:200"
+    """synthetic:N, a folder of .txt/.txt.gz books, a .jsonl or .parquet file, or hf:ID[:split]."""
     output_dir: str = "runs/demo/data"
     text_field: str = "text"
+    """Field holding the book text in JSONL/Parquet/hf records."""
     segment_len: int = Field(128, ge=8)
     n_segments: int = Field(8, ge=1)
     tail: Literal["drop", "pad"] = "drop"
+    """A book's last partial sample: dropped, or padded with loss_mask 0."""
     workers: int = Field(1, ge=1)
+    """Worker processes that read, clean and tokenize; the output is identical for any value."""
     tokenizer: str | None = None
+    """An HF tokenizer folder to use; unset = train SentencePiece on the corpus."""
     vocab_size: int = Field(4000, ge=64)
     tokenizer_type: Literal["bpe", "unigram"] = "bpe"
     byte_fallback: bool = True
     tokenizer_sample_sentences: int = Field(2_000_000, ge=1000)
+    """Lines SentencePiece samples (seeded) from the corpus to train on."""
+    tokenizer_threads: int = Field(4, ge=1)
+    """SentencePiece training threads; part of the tokenizer's identity (another value can give
+    another vocabulary), so it is not tied to data.workers."""
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     samples_per_shard: int = Field(1024, ge=1)
+    """Target samples per shard file (estimated before tokenizing; shards end at a book boundary)."""
     seed: int = 0
+    """Seed of the train/val/test split (a stable hash of each book id)."""
+    plan_wait_s: float = Field(21600, ge=0)
+    """Array tasks other than 0 wait this long for task 0's plan.json (book list and tokenizer)."""
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @property
