@@ -1,0 +1,142 @@
+"""A real one-host SLURM cluster for this folder's tests, started once and always stopped.
+
+slurm/local-cluster/start.sh installs slurm-wlm + munge with apt-get when they are missing (CI is a
+fresh machine) and runs two virtual nodes on 127.0.0.1, so that "multi-node" jobs really span two
+slurmd. A cluster that cannot start fails the tests with the script's own message; nothing is
+skipped. stop.sh runs at the end of the session whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+CLUSTER_SCRIPTS = REPO_ROOT / "slurm" / "local-cluster"
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+# tiny and fast: 2 CPU ranks, a few dozen steps, small synthetic books
+TINY_CONFIG = {
+    "data": {"source": "synthetic:24", "segment_len": 32, "n_segments": 2, "vocab_size": 300,
+             "samples_per_shard": 16, "synthetic": {"words_per_book": 800, "facts_per_book": 2,
+                                                    "min_recall_distance_segments": 1}},
+    "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_positions": 128},
+    "memory": {"kind": "rmt", "num_tokens": 2},
+    "train": {"max_steps": 20, "save_every": 10, "micro_batch_size": 2, "warmup_steps": 2, "log_every": 1},
+    "eval": {"max_samples": 4, "batch_size": 4},
+    "slurm": {"nodes": 2, "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1, "time": "00:10:00",
+              "prep_array_tasks": 2, "job_name": "memtrain-test",
+              # the test's own interpreter's environment; on CPU DeepSpeed needs DS_ACCELERATOR=cpu
+              "setup": [f"export PATH={Path(sys.executable).parent}:$PATH", "export DS_ACCELERATOR=cpu"]},
+}
+
+
+def free_ports(count: int) -> int:
+    """First of ``count`` consecutive free ports on 127.0.0.1 (slurmctld, then one slurmd per node),
+    so the test cluster never collides with a SLURM the machine already runs."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        if first + count > 65535:
+            continue
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+class Cluster:
+    """The running cluster: its environment (SLURM_CONF) and the few commands the tests need."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def run(self, *cmd: str, input_text: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env=self.env, input=input_text, capture_output=True, text=True, timeout=timeout)
+
+    def memtrain(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, "-m", "pipeline.cli", *args, timeout=timeout)
+
+    def submit(self, config: Path, what: str, *overrides: str) -> dict[str, str]:
+        """``memtrain submit``; returns {job name: job id} from its ``name: id`` lines."""
+        proc = self.memtrain("submit", "--config", str(config), "--what", what,
+                             *(["--set", *overrides] if overrides else []))
+        assert proc.returncode == 0, proc.stderr
+        return dict(re.findall(r"^(\w+): (\d+)", proc.stdout, re.MULTILINE))
+
+    def job_states(self, job_id: str) -> list[str]:
+        """JobState of the job (one per task for an array)."""
+        return re.findall(r"\bJobState=(\S+)", self.run("scontrol", "show", "job", job_id).stdout)
+
+    def job_field(self, job_id: str, field: str) -> str:
+        match = re.search(rf"\b{field}=(\S+)", self.run("scontrol", "show", "job", job_id).stdout)
+        return match.group(1) if match else ""
+
+    def wait(self, job_id: str, timeout: float) -> str:
+        """Poll until the job (every task of an array) reaches a final state; return it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = self.job_states(job_id)
+            if states and all(s in FINAL_STATES for s in states):
+                return ",".join(sorted(set(states)))
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} not finished after {timeout:.0f} s: {self.job_states(job_id)}")
+
+    @staticmethod
+    def logs(log_dir: Path) -> str:
+        """Every SLURM output file of a test, for assertion messages."""
+        return "\n".join(f"==> {p.name}\n{p.read_text()}" for p in sorted(log_dir.glob("*.out")))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[Cluster]:
+    """Start the cluster once for the folder; stop it at the end whatever happened."""
+    if os.geteuid() != 0:
+        pytest.fail("the SLURM tests start a local cluster and must run as root (slurm/local-cluster/start.sh)")
+    # not under pytest's 0700 tmp dirs: munged wants every directory above its socket searchable
+    cluster_dir = Path(tempfile.mkdtemp(prefix="memtrain-slurm-test-", dir="/tmp"))
+    env = {**os.environ, "MEMTRAIN_SLURM_DIR": str(cluster_dir), "MEMTRAIN_SLURM_NODES": "2",
+           "MEMTRAIN_SLURM_CPUS": "2", "MEMTRAIN_SLURM_CTLD_PORT": str(free_ports(3))}
+    try:
+        started = subprocess.run([str(CLUSTER_SCRIPTS / "start.sh")], env=env, capture_output=True, text=True,
+                                 timeout=600)
+        if started.returncode != 0:
+            pytest.fail(f"could not start the local SLURM cluster:\n{started.stdout}\n{started.stderr}")
+        yield Cluster({**env, "SLURM_CONF": str(cluster_dir / "etc" / "slurm.conf")})
+    finally:
+        subprocess.run([str(CLUSTER_SCRIPTS / "stop.sh"), "--quiet", "--purge"], env=env, timeout=120, check=False)
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Path]:
+    """TINY_CONFIG with per-section updates and every output under tmp_path, as tmp_path/config.yaml."""
+
+    def make(**sections: dict[str, Any]) -> Path:
+        tree: dict[str, Any] = {name: dict(section) for name, section in TINY_CONFIG.items()}
+        tree["data"]["output_dir"] = str(tmp_path / "data")
+        tree["train"]["output_dir"] = str(tmp_path / "train")
+        tree["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "slurm-test"}
+        tree["slurm"]["log_dir"] = str(tmp_path / "logs")
+        for name, update in sections.items():
+            tree.setdefault(name, {}).update(update)
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tree, sort_keys=False))
+        return path
+
+    return make
+
