@@ -84,16 +84,27 @@ class ModelConfig(Section):
     intermediate_size: int | None = None
     max_positions: int = Field(1024, ge=16)
     tie_embeddings: bool = True
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout of a randomly initialised decoder (residual, embedding and attention)."""
     layer_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass (HF activation checkpointing, non-reentrant)."""
     segment_checkpointing: bool = True
+    """Recompute each segment in the backward pass: activation memory stays flat as n_segments grows."""
 
 
 class MemoryConfig(Section):
     kind: Literal["rmt", "armt", "none", "full"] = "rmt"
+    """rmt: read/write memory tokens; armt: per-layer associative memory; none: same segments, no
+    memory; full: one attention pass over the whole sample (needs sample_len <= max_positions)."""
     num_tokens: int = Field(8, ge=0)
+    """Memory tokens per segment (rmt spends 2x this many positions, armt 1x)."""
     bptt_depth: int = Field(-1, ge=-1)
+    """Segment k's loss reaches segment j's inputs through memory iff k - j <= bptt_depth; -1 = no limit.
+    0 < depth < n_segments - 1 costs up to (depth + 1)x compute (exact per-pair truncation)."""
     armt_nu: int = Field(3, ge=1)
+    """Order of ARMT's DPFP feature map (keys have 2 * armt_d_mem * armt_nu features)."""
     armt_d_mem: int | None = None
+    """Width of ARMT's memory keys before DPFP; unset = min(64, hidden_size)."""
 
 
 class CurriculumStage(Section):
