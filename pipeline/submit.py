@@ -139,21 +139,23 @@ def run_submit(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     workdir = Path.cwd()
     jobs = render_jobs(cfg, args.what, Path(args.config).resolve(), list(args.overrides), workdir)
-    can_test = shutil.which("sbatch") is not None or not args.dry_run
     if args.dry_run:
         for job in jobs:
             after = f"--dependency=afterok:<{job.after} job id> " if job.after else ""
             print(f"# ---- {job.name}: sbatch {after}<this script>", file=sys.stderr, flush=True)
             print(job.script, end="", flush=True)
-    for job in jobs if can_test else []:
-        print(f"# {job.name}: sbatch --test-only: {sbatch(job, '--test-only')}", file=sys.stderr)
+        if shutil.which("sbatch") is None:
+            print("# sbatch is not on PATH: the scripts were not checked with sbatch --test-only", file=sys.stderr)
+            return 0
+    for job in jobs:  # all of them first, so that a bad section submits nothing
+        print(f"# {job.name}: sbatch --test-only OK: {sbatch(job, '--test-only')}", file=sys.stderr)
     if args.dry_run:
         return 0
     (workdir / cfg.slurm.log_dir).mkdir(parents=True, exist_ok=True)
     job_ids: dict[str, str] = {}
     for job in jobs:
         flags = ["--parsable"] + ([f"--dependency=afterok:{job_ids[job.after]}"] if job.after else [])
-        job_ids[job.name] = sbatch(job, *flags).split(";")[0]
+        job_ids[job.name] = sbatch(job, *flags).split(";")[0]  # --parsable: "id" or "id;cluster"
         after = f" (afterok:{job_ids[job.after]})" if job.after else ""
         print(f"{job.name}: {job_ids[job.name]}{after}", flush=True)
     return 0

@@ -122,21 +122,37 @@ def slurm_cluster() -> Iterator[Cluster]:
         subprocess.run([str(CLUSTER_SCRIPTS / "stop.sh"), "--quiet", "--purge"], env=env, timeout=120, check=False)
 
 
+def write_config(root: Path, **sections: dict[str, Any]) -> Path:
+    """TINY_CONFIG with per-section updates and every output under ``root``, as root/config.yaml."""
+    tree: dict[str, Any] = {name: dict(section) for name, section in TINY_CONFIG.items()}
+    tree["data"]["output_dir"] = str(root / "data")
+    tree["train"]["output_dir"] = str(root / "train")
+    tree["tracking"] = {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "slurm-test"}
+    tree["slurm"]["log_dir"] = str(root / "logs")
+    for name, update in sections.items():
+        tree.setdefault(name, {}).update(update)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
 @pytest.fixture
 def make_config(tmp_path: Path) -> Callable[..., Path]:
-    """TINY_CONFIG with per-section updates and every output under tmp_path, as tmp_path/config.yaml."""
+    return lambda **sections: write_config(tmp_path, **sections)
 
-    def make(**sections: dict[str, Any]) -> Path:
-        tree: dict[str, Any] = {name: dict(section) for name, section in TINY_CONFIG.items()}
-        tree["data"]["output_dir"] = str(tmp_path / "data")
-        tree["train"]["output_dir"] = str(tmp_path / "train")
-        tree["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "slurm-test"}
-        tree["slurm"]["log_dir"] = str(tmp_path / "logs")
-        for name, update in sections.items():
-            tree.setdefault(name, {}).update(update)
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(tree, sort_keys=False))
-        return path
 
-    return make
+@pytest.fixture(scope="session")
+def config_writer() -> Callable[..., Path]:
+    """``write_config(root, **sections)``, for fixtures that outlive one test."""
+    return write_config
 
+
+@pytest.fixture(scope="session")
+def reference_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny data set made by one plain ``memtrain prep`` (no SLURM): the prep array's reference
+    and the training jobs' input."""
+    root = tmp_path_factory.mktemp("reference-prep")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "prep", "--config", str(write_config(root))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return root / "data"
