@@ -1,0 +1,239 @@
+"""``memtrain export``: a DeepSpeed checkpoint -> a Hugging Face model folder (and the Hub).
+
+    checkpoint (any world size) --load_consolidated--> full fp32 state dict
+        --> build_model + strict load --> save_pretrained (sharded safetensors, auto_map,
+            modeling code) + tokenizer + generation_config.json + README.md model card
+
+The folder is assembled in a temporary folder beside ``--out`` and renamed into place at the
+end, so ``--out`` is either the previous content or a complete export, never half of one.
+``--push`` uploads the finished folder with ``huggingface_hub``, which finds the token itself
+(``HF_TOKEN`` or ``huggingface-cli login``); this module never reads or prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ExperimentConfig
+from pipeline.errors import UserError
+
+CARD_TABLE = "per_segment_perplexity.json"
+CARD_PLOT = "per_segment_perplexity.png"
+
+
+@dataclass(frozen=True)
+class Export:
+    """What one export produced: where, from which checkpoint step, with which config."""
+
+    folder: Path
+    step: int
+    cfg: ExperimentConfig
+    mlflow_run_id: str | None
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path} (is the checkpoint complete?)") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{what} {path} is unreadable: {err}".splitlines()[0]) from None
+
+
+def check_destination(out: Path, checkpoint: Path, force: bool) -> None:
+    """Refuse a non-empty ``--out`` without ``--force``, and never let ``--out`` swallow the checkpoint."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out} is not empty; pass --force to replace it")
+    target, source = out.resolve(), checkpoint.resolve()
+    if target == source or target in source.parents:
+        raise UserError(f"--out {out} holds the checkpoint {checkpoint}; export somewhere else")
+
+
+def publish(staging: Path, out: Path, force: bool) -> None:
+    """Move the finished ``staging`` folder to ``out`` with renames, replacing ``out`` only if allowed."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    if any(out.iterdir()) and not force:
+        raise UserError(f"--out {out} is not empty; pass --force to replace it")
+    previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
+    os.replace(out, previous / out.name)
+    os.replace(staging, out)
+    shutil.rmtree(previous)
+
+
+def zero_stage(train_dir: Path) -> int | None:
+    ds_config = train_dir / "ds_config.json"
+    if not ds_config.is_file():
+        return None
+    return read_json(ds_config, "DeepSpeed config").get("zero_optimization", {}).get("stage")
+
+
+def build_from_state_dict(cfg: ExperimentConfig, manifest: dict[str, Any], state_dict: dict[str, Any]):
+    """The HF model of ``cfg`` holding exactly the checkpoint's weights (every key on both sides)."""
+    from pipeline.models import build_model
+
+    model = build_model(cfg, vocab_size=manifest["vocab_size"], bos_token_id=manifest["bos_token_id"],
+                        eos_token_id=manifest["eos_token_id"], pad_token_id=manifest["pad_token_id"])
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(
+            "the checkpoint's weights do not match the model its config.yaml builds: "
+            f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+    return model.eval()
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None = None, force: bool = False,
+                      model_name: str | None = None) -> Export:
+    """Write the HF folder of ``checkpoint`` (``train.output_dir`` or one tag folder) to ``out``."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from pipeline.checkpoint import load_consolidated
+    from pipeline.model_card import TrainingFacts, render_model_card
+
+    out = Path(out)
+    check_destination(out, Path(checkpoint), force)
+    state_dict, cfg, tag_dir = load_consolidated(checkpoint)
+    tag_dir = Path(tag_dir)
+    train_dir = tag_dir.parent.parent  # <output_dir>/checkpoints/<tag>
+    state = read_json(tag_dir / "memtrain_state.json", "checkpoint state")
+    manifest = read_json(train_dir / "data_manifest.json", "data manifest")
+    tokenizer_dir = train_dir / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        raise UserError(f"tokenizer not found: {tokenizer_dir} (is the checkpoint folder complete?)")
+    dtype = dtype or cfg.export.dtype
+
+    model = build_from_state_dict(cfg, manifest, state_dict)
+    del state_dict
+    if dtype == "bf16":
+        model.to(torch.bfloat16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=manifest["bos_token_id"], eos_token_id=manifest["eos_token_id"],
+        pad_token_id=manifest["pad_token_id"], max_new_tokens=cfg.export.max_new_tokens,
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        model.save_pretrained(staging, max_shard_size=cfg.export.max_shard_size)
+        model.generation_config.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
+        step = int(state["step"])
+        facts = TrainingFacts(
+            step=step, tokens_seen=int(state.get("tokens_seen", 0)), world_size=int(state["world_size"]),
+            zero_stage=zero_stage(train_dir), n_params=model.num_parameters(), dtype=dtype,
+            vocab_size=manifest["vocab_size"],
+        )
+        evaluation = copy_evaluation(train_dir, step, staging)
+        card = render_model_card(cfg, model_name or out.name, facts, evaluation)
+        (staging / "README.md").write_text(card)
+        publish(staging, out, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Export(folder=out, step=step, cfg=cfg, mlflow_run_id=state.get("mlflow_run_id"))
+
+
+def eval_file(train_dir: Path, step: int) -> Path | None:
+    """``eval/step_XXXXXXXX.json`` of this step if there is one, else the newest one, else None."""
+    folder = train_dir / "eval"
+    exact = folder / f"step_{step:08d}.json"
+    if exact.is_file():
+        return exact
+    found = sorted(folder.glob("step_*.json"))
+    return found[-1] if found else None
+
+
+def copy_evaluation(train_dir: Path, step: int, staging: Path):
+    """Put the eval table (JSON) and plot next to the card and return what the card shows of them."""
+    from pipeline.evaluate import EvalResult
+    from pipeline.model_card import CardEvaluation
+    from pipeline.report import plot_segments
+
+    source = eval_file(train_dir, step)
+    if source is None:
+        return None
+    result = EvalResult.from_json(source)
+    shutil.copyfile(source, staging / CARD_TABLE)
+    plot = source.with_suffix(".png")
+    if plot.is_file():
+        shutil.copyfile(plot, staging / CARD_PLOT)
+    else:
+        plot_segments(result, staging / CARD_PLOT)
+    return CardEvaluation(
+        step=int(source.stem.removeprefix("step_")), split=result.split, n_samples=result.n_samples,
+        perplexity=result.ppl, segment_perplexity=tuple(row.ppl for row in result.segments),
+        table_markdown=result.format_table(markdown=True), plot_file=CARD_PLOT,
+    )
+
+
+def push_to_hub(folder: Path, repo_id: str, revision: str | None, private: bool, step: int) -> str:
+    """Upload ``folder`` to ``repo_id`` (on branch ``revision`` if given); returns the commit URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HTTPError
+
+    api = HfApi()  # resolves the token from HF_TOKEN or the stored login
+    try:
+        # private=None keeps the namespace's default visibility for a new repo
+        api.create_repo(repo_id, private=True if private else None, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                   commit_message=f"memtrain export of step {step}")
+    except (HTTPError, OSError) as err:  # OSError: no token found, unreadable folder
+        raise UserError(f"push to {repo_id} failed (the export in {folder} is complete): "
+                        f"{str(err).splitlines()[0]}") from None
+    return str(getattr(commit, "commit_url", repo_id))
+
+
+def log_to_mlflow(export: Export) -> None:
+    """Attach the exported folder to the training's MLflow run. Best effort: a failure only warns."""
+    tracking = export.cfg.tracking
+    if not (tracking.enabled and export.cfg.export.log_to_mlflow and export.mlflow_run_id):
+        return
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=tracking.uri)
+        client.log_artifacts(export.mlflow_run_id, str(export.folder), artifact_path=f"export/step_{export.step:08d}")
+    except Exception as err:  # noqa: BLE001 - tracking must never fail an export that is already on disk
+        reason = (str(err).splitlines() or [""])[0][:200]
+        print(f"memtrain export: warning: not logged to MLflow run {export.mlflow_run_id}: "
+              f"{type(err).__name__}: {reason}", file=sys.stderr)
+
+
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UserError(f"--push {repo_id!r}: {str(err).splitlines()[0]}") from None
+
+
+def run_export(args: argparse.Namespace) -> int:
+    if args.push:
+        check_repo_id(args.push)  # before minutes of export, not after
+    elif args.revision or args.private:
+        raise UserError("--revision and --private only apply with --push REPO_ID")
+    export = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, force=args.force,
+                               model_name=args.push)
+    print(f"exported step {export.step} to {export.folder}")
+    log_to_mlflow(export)
+    if args.push:
+        url = push_to_hub(export.folder, args.push, args.revision, args.private, export.step)
+        print(f"pushed to {url}")
+    return 0
