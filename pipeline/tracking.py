@@ -100,6 +100,7 @@ class Tracker(NullTracker):
         self._pending: deque[dict[str, Any]] = deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._given_up = False
         self.spool = _Spool(Path(cfg.train.output_dir) / SPOOL_NAME, self.run_id, self.tracking_uri)
         self._enqueue(self._filter_new(self.spool.leftover), spool=False)
         self._sender = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
@@ -142,6 +143,8 @@ class Tracker(NullTracker):
         self._sender.join(self._flush_timeout_s)
         with self._cond:
             left = len(self._pending)
+            self._given_up = left > 0  # the sender stops: from here on the spool file is the user's
+            self._cond.notify_all()
         if left == 0:
             self.spool.remove()
             return
@@ -219,7 +222,7 @@ class Tracker(NullTracker):
             with self._cond:
                 while not self._pending and not self._closing:
                     self._cond.wait()
-                if not self._pending:
+                if not self._pending or self._given_up:
                     return
                 batch = _next_batch(self._pending)
             try:
@@ -232,12 +235,15 @@ class Tracker(NullTracker):
                     if failures == 1:
                         _warn(f"{self.tracking_uri} is not answering ({_first_line(err)}); "
                               f"buffering in memory and {self.spool.path}, retrying")
-                    time.sleep(min(MAX_BACKOFF_S, 0.25 * 2 ** failures))
+                    with self._cond:
+                        self._cond.wait_for(lambda: self._given_up, timeout=min(MAX_BACKOFF_S, 0.25 * 2 ** failures))
                     continue
             if failures:
                 _warn(f"{self.tracking_uri} is back after {failures} failed attempts; sending the backlog")
                 failures = 0
             with self._cond:
+                if self._given_up:
+                    return
                 for _ in batch:
                     self._pending.popleft()
                 if not self._pending:
