@@ -1,1 +1,14 @@
-"""Books -> cleaned text -> tokenizer -> multi-segment sample shards (Arrow + manifest.json)."""
+"""Books -> cleaned text -> tokenizer -> multi-segment sample shards (Arrow + manifest.json).
+
+``prepare(cfg)`` runs it from Python; ``data_prep.shards.open_split`` and
+``data_prep.manifest.read_manifest`` read the result.
+"""
+
+from __future__ import annotations
+
+
+def prepare(cfg, shard_index: int | None = None, num_shards: int | None = None):
+    """Run prep for an ExperimentConfig (see data_prep.prepare); returns a PrepResult."""
+    from data_prep.prepare import prepare as run
+
+    return run(cfg, shard_index, num_shards)

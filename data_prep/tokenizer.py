@@ -1,0 +1,252 @@
+"""The tokenizer: train SentencePiece on the corpus or take an HF tokenizer folder; save it in HF form.
+
+A trained tokenizer is saved as ``spm.model`` (what prep encodes with: fast, one process per
+worker) plus ``tokenizer.json``/``tokenizer_config.json`` (what ``AutoTokenizer.from_pretrained``
+loads). The two give the same ids because SentencePiece is trained so that an HF ``tokenizers``
+BPE reproduces it exactly: identity normalization (cleaning already applied NFC), no dummy
+prefix, spaces kept as they are, ``\\n`` a piece of its own, byte fallback; training checks the
+two agree on a sample. The same settings make encoding invariant to cutting the text just
+before a space, so a 50 MB single-line book is encoded in bounded chunks.
+
+Ids: 0 ``<unk>``, 1 ``<s>`` (bos), 2 ``</s>`` (eos), 3 ``<pad>``. ``tokenizer(text)`` adds bos like
+Llama's; prep writes ``bos + ids + eos`` per book.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+SPM_FILE = "spm.model"
+SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+NEWLINE = "\n"
+MAX_TRAIN_LINE = 2000  # characters; SentencePiece drops training lines longer than max_sentence_length
+ENCODE_CHUNK = 1 << 17  # characters encoded per call (cut before a space or after a newline)
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    kind: str  # "spm" (trained here; encoded with sentencepiece) or "hf" (any HF tokenizer folder)
+    vocab_size: int
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    hash: str
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over the folder's file names and contents (sorted): the tokenizer's identity."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def training_lines(texts: Iterable[str]) -> Iterator[str]:
+    """Book texts -> non-empty lines, long lines cut at spaces into <= MAX_TRAIN_LINE characters."""
+    for text in texts:
+        for line in text.split("\n"):
+            while len(line) > MAX_TRAIN_LINE:
+                cut = line.rfind(" ", MAX_TRAIN_LINE // 2, MAX_TRAIN_LINE)
+                cut = cut if cut > 0 else MAX_TRAIN_LINE
+                yield line[:cut]
+                line = line[cut:]
+            if line.strip():
+                yield line
+
+
+def train_sentencepiece(lines: Iterator[str], data, out_dir: Path) -> None:
+    """Train on ``lines`` (sampled by SentencePiece with a fixed seed) and save the tokenizer folder."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(data.seed + 1)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines, model_writer=model, vocab_size=data.vocab_size,
+            model_type=data.tokenizer_type, byte_fallback=data.byte_fallback,
+            normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+            user_defined_symbols=[NEWLINE], unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            unk_piece=SPECIALS["unk"], bos_piece=SPECIALS["bos"], eos_piece=SPECIALS["eos"],
+            pad_piece=SPECIALS["pad"], input_sentence_size=data.tokenizer_sample_sentences,
+            shuffle_input_sentence=True, num_threads=data.tokenizer_threads,
+            max_sentence_length=4 * MAX_TRAIN_LINE + 16, character_coverage=0.9995, minloglevel=2,
+        )
+    except RuntimeError as err:
+        reason = str(err).splitlines()[-1] if str(err) else type(err).__name__
+        hint = "; lower data.vocab_size (byte_fallback alone takes 256 ids + the characters seen)" \
+            if "ocab" in reason else ""
+        raise UserError(f"SentencePiece training failed: {reason}{hint}") from None
+    _write_atomically(out_dir, lambda tmp: _save_spm_folder(model.getvalue(), tmp))
+
+
+def install_tokenizer(source: str, out_dir: Path) -> None:
+    """Copy a tokenizer folder (``data.tokenizer``) into the output: a folder written by memtrain is
+    copied as is; any other HF folder is loaded and saved again (tokenizer files only)."""
+    src = Path(source)
+    if not src.is_dir():
+        raise UserError(f"data.tokenizer {source} is not a folder")
+    if (src / SPM_FILE).is_file():
+        files = [p for p in src.iterdir() if p.is_file()]
+        _write_atomically(out_dir, lambda tmp: [shutil.copyfile(p, tmp / p.name) for p in files])
+        return
+    tokenizer = _load_hf(src)
+    _write_atomically(out_dir, lambda tmp: tokenizer.save_pretrained(str(tmp)))
+
+
+def describe(folder: Path) -> TokenizerInfo:
+    """Special ids, vocabulary size and hash of a saved tokenizer folder."""
+    if (folder / SPM_FILE).is_file():
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(folder / SPM_FILE))
+        return TokenizerInfo("spm", sp.get_piece_size(), sp.bos_id(), sp.eos_id(), sp.pad_id(), folder_hash(folder))
+    tokenizer = _load_hf(folder)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError(f"tokenizer in {folder} has no eos token; prep separates books with it")
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return TokenizerInfo("hf", len(tokenizer), bos, eos, pad, folder_hash(folder))
+
+
+class Encoder:
+    """Text -> int32 ids (no special tokens), with the folder's own tokenizer."""
+
+    def __init__(self, folder: Path) -> None:
+        if (folder / SPM_FILE).is_file():
+            import sentencepiece as spm
+
+            self.spm = spm.SentencePieceProcessor(model_file=str(folder / SPM_FILE))
+            self.hf = None
+        else:
+            self.spm, self.hf = None, _load_hf(folder)
+
+    def encode(self, text: str) -> np.ndarray:
+        chunks = list(split_for_encoding(text))
+        if self.spm is not None:
+            pieces = self.spm.encode(chunks, num_threads=1)
+        else:
+            pieces = self.hf(chunks, add_special_tokens=False)["input_ids"]
+        return np.fromiter((i for ids in pieces for i in ids), dtype=np.int32) if len(pieces) > 1 \
+            else np.asarray(pieces[0] if pieces else [], dtype=np.int32)
+
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids, start and end character offsets of each token (short texts only: no chunking)."""
+        if self.spm is not None:
+            proto = self.spm.encode(text, return_type="proto")
+            ids = [p.id for p in proto.pieces]
+            starts, ends = [p.begin for p in proto.pieces], [p.end for p in proto.pieces]
+            if not text.isascii():  # sentencepiece offsets are in bytes
+                to_char = np.cumsum([0] + [len(c.encode()) for c in text])
+                starts = np.searchsorted(to_char, starts).tolist()
+                ends = np.searchsorted(to_char, ends).tolist()
+        else:
+            enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = enc["input_ids"]
+            starts, ends = zip(*enc["offset_mapping"]) if ids else ((), ())
+        return (np.asarray(ids, dtype=np.int32), np.asarray(starts, dtype=np.int64),
+                np.asarray(ends, dtype=np.int64))
+
+
+def split_for_encoding(text: str, size: int = ENCODE_CHUNK) -> Iterator[str]:
+    """Cut text into pieces of about ``size`` characters, each cut just before a space that follows
+    a non-space (or, failing that, after a newline): tokenizers split words there anyway (the
+    ones trained here always do, GPT-2/Llama-style ones too), so the ids equal the whole text's."""
+    start, n = 0, len(text)
+    while n - start > size:
+        cut = _cut_point(text, start + size // 2, start + size)
+        if cut < 0:
+            cut = text.find(" ", start + size)
+            while cut > 0 and text[cut - 1].isspace():
+                cut = text.find(" ", cut + 1)
+            if cut < 0:
+                break
+        yield text[start:cut]
+        start = cut
+    if start < n:
+        yield text[start:]
+
+
+def _cut_point(text: str, lo: int, hi: int) -> int:
+    cut = text.rfind(" ", lo, hi)
+    while cut > lo and text[cut - 1].isspace():
+        cut = text.rfind(" ", lo, cut)
+    if cut > lo:
+        return cut
+    newline = text.rfind("\n", lo, hi)
+    return newline + 1 if newline >= 0 else -1
+
+
+def check_agreement(folder: Path, samples: list[str]) -> None:
+    """Both halves of a trained tokenizer (sentencepiece, HF) must give the same ids."""
+    import sentencepiece as spm
+
+    hf = _load_hf(folder)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / SPM_FILE))
+    for text in samples:
+        if sp.encode(text) != hf(text, add_special_tokens=False)["input_ids"]:
+            raise RuntimeError(f"sentencepiece and the HF tokenizer disagree on {text[:80]!r}")
+
+
+def _save_spm_folder(model: bytes, folder: Path) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
+
+    (folder / SPM_FILE).write_bytes(model)
+    vocab, _, merges = SentencePieceExtractor(str(folder / SPM_FILE)).extract()
+    bpe = models.BPE(vocab=vocab, merges=merges, unk_token=SPECIALS["unk"], byte_fallback=True, fuse_unk=True)
+    tok = Tokenizer(bpe)
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS.values()])
+    tok.add_tokens([AddedToken(NEWLINE, special=False, normalized=False)])
+    bos = SPECIALS["bos"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=SPECIALS["eos"], pad_token=SPECIALS["pad"],
+        unk_token=SPECIALS["unk"], split_special_tokens=True, clean_up_tokenization_spaces=False)
+    hf.save_pretrained(str(folder))
+
+
+def _load_hf(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a tokenizer from {folder}: {str(err).splitlines()[0]}") from None
+
+
+def _write_atomically(out_dir: Path, fill) -> None:
+    """Fill a temporary sibling folder, then swap it in for ``out_dir``."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
