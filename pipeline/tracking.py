@@ -377,7 +377,9 @@ class _Spool:
         self._file = path.open("a")
         if self._file.tell() == 0:
             self._file.write(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}) + "\n")
-            self._file.flush()
+        elif not path.read_bytes().endswith(b"\n"):
+            self._file.write("\n")  # end a line torn by a kill, so the next record starts clean
+        self._file.flush()
         self._header_bytes = len(path.read_bytes().split(b"\n", 1)[0]) + 1
 
     def append(self, records: list[dict[str, Any]]) -> None:
