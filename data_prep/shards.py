@@ -24,21 +24,26 @@ from pipeline.errors import UserError
 BATCH_ROWS = 1024  # rows per Arrow record batch; fixed so the bytes never depend on the run
 
 
-def features(sample_len: int):
-    import datasets
+def arrow_schema(sample_len: int):
+    """The shard schema, with the HF ``datasets`` features in its metadata (written by hand: prep
+    does not import ``datasets``, seconds of import time)."""
+    import pyarrow as pa
 
-    tokens = lambda dtype: datasets.List(datasets.Value(dtype), length=sample_len)  # noqa: E731
-    return datasets.Features({
-        "input_ids": tokens("int32"), "loss_mask": tokens("int8"), "recall_mask": tokens("int8"),
-        "book_id": datasets.Value("string"), "sample_index": datasets.Value("int32"),
-    })
+    tokens = lambda dtype: {"feature": {"dtype": dtype, "_type": "Value"}, "length": sample_len, "_type": "List"}  # noqa: E731
+    hf_features = {"input_ids": tokens("int32"), "loss_mask": tokens("int8"), "recall_mask": tokens("int8"),
+                   "book_id": {"dtype": "string", "_type": "Value"},
+                   "sample_index": {"dtype": "int32", "_type": "Value"}}
+    return pa.schema([
+        ("input_ids", pa.list_(pa.int32(), sample_len)), ("loss_mask", pa.list_(pa.int8(), sample_len)),
+        ("recall_mask", pa.list_(pa.int8(), sample_len)), ("book_id", pa.string()), ("sample_index", pa.int32()),
+    ], metadata={"huggingface": json.dumps({"info": {"features": hf_features}})})
 
 
 def shard_bytes(books: list[tuple[str, BookSamples]], sample_len: int) -> bytes:
     """The Arrow stream of one shard holding ``books`` ([(book_id, samples)]) in order."""
     import pyarrow as pa
 
-    schema = features(sample_len).arrow_schema
+    schema = arrow_schema(sample_len)
     cat = lambda name, dtype: np.concatenate(  # noqa: E731
         [getattr(s, name).reshape(-1) for _, s in books] or [np.zeros(0, dtype)])
     fixed = lambda name, dtype: pa.FixedSizeListArray.from_arrays(pa.array(cat(name, dtype)), sample_len)  # noqa: E731
@@ -110,8 +115,8 @@ def open_split(data_dir: str | Path, split: str, verify: bool = False):
             raise UserError(f"shard {path} holds {len(part)} samples, the manifest says {shard['n_samples']}")
         parts.append(part)
     if not parts:
-        return datasets.Dataset.from_dict({k: [] for k in features(manifest["sample_len"])},
-                                          features=features(manifest["sample_len"]))
+        empty = arrow_schema(manifest["sample_len"]).empty_table()
+        return datasets.Dataset(empty)
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 

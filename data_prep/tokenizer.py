@@ -31,7 +31,8 @@ SPM_FILE = "spm.model"
 SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 NEWLINE = "\n"
 MAX_TRAIN_LINE = 2000  # characters; SentencePiece drops training lines longer than max_sentence_length
-ENCODE_CHUNK = 1 << 17  # characters encoded per call (cut before a space or after a newline)
+ENCODE_CHUNK = 1 << 16  # characters per piece of text handed to the tokenizer
+ENCODE_BATCH = 16  # pieces per tokenizer call (bounds the Python lists of ids to ~1M characters)
 
 
 @dataclass(frozen=True)
@@ -134,13 +135,15 @@ class Encoder:
             self.spm, self.hf = None, _load_hf(folder)
 
     def encode(self, text: str) -> np.ndarray:
-        chunks = list(split_for_encoding(text))
+        parts = [self._encode_batch(batch) for batch in _batched(split_for_encoding(text), ENCODE_BATCH)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+    def _encode_batch(self, chunks: list[str]) -> np.ndarray:
         if self.spm is not None:
             pieces = self.spm.encode(chunks, num_threads=1)
         else:
             pieces = self.hf(chunks, add_special_tokens=False)["input_ids"]
-        return np.fromiter((i for ids in pieces for i in ids), dtype=np.int32) if len(pieces) > 1 \
-            else np.asarray(pieces[0] if pieces else [], dtype=np.int32)
+        return np.fromiter((i for ids in pieces for i in ids), dtype=np.int32, count=sum(map(len, pieces)))
 
     def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ids, start and end character offsets of each token (short texts only: no chunking)."""
@@ -163,16 +166,13 @@ class Encoder:
 def split_for_encoding(text: str, size: int = ENCODE_CHUNK) -> Iterator[str]:
     """Cut text into pieces of about ``size`` characters, each cut just before a space that follows
     a non-space (or, failing that, after a newline): tokenizers split words there anyway (the
-    ones trained here always do, GPT-2/Llama-style ones too), so the ids equal the whole text's."""
+    ones trained here always do, GPT-2/Llama-style ones too), so the ids equal the whole text's.
+    Only a run of ``size / 2`` characters without any space or newline is cut blindly."""
     start, n = 0, len(text)
     while n - start > size:
         cut = _cut_point(text, start + size // 2, start + size)
-        if cut < 0:
-            cut = text.find(" ", start + size)
-            while cut > 0 and text[cut - 1].isspace():
-                cut = text.find(" ", cut + 1)
-            if cut < 0:
-                break
+        if cut < 0:  # no space for 64K characters: not prose; a hard cut keeps memory bounded
+            cut = start + size
         yield text[start:cut]
         start = cut
     if start < n:
@@ -189,25 +189,41 @@ def _cut_point(text: str, lo: int, hi: int) -> int:
     return newline + 1 if newline >= 0 else -1
 
 
-def check_agreement(folder: Path, samples: list[str]) -> None:
-    """Both halves of a trained tokenizer (sentencepiece, HF) must give the same ids."""
-    import sentencepiece as spm
+def _batched(items: Iterator[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
-    hf = _load_hf(folder)
+
+def check_agreement(folder: Path, samples: list[str]) -> None:
+    """Both halves of a trained tokenizer (sentencepiece, tokenizer.json) must give the same ids."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
     sp = spm.SentencePieceProcessor(model_file=str(folder / SPM_FILE))
-    for text in samples:
-        if sp.encode(text) != hf(text, add_special_tokens=False)["input_ids"]:
-            raise RuntimeError(f"sentencepiece and the HF tokenizer disagree on {text[:80]!r}")
+    for text, encoding in zip(samples, hf.encode_batch(samples, add_special_tokens=False)):
+        if sp.encode(text) != encoding.ids:
+            raise RuntimeError(f"sentencepiece and tokenizer.json disagree on {text[:80]!r}")
 
 
 def _save_spm_folder(model: bytes, folder: Path) -> None:
+    """spm.model, and the same tokenizer as an HF fast tokenizer (tokenizer.json + config).
+
+    Written with the light ``tokenizers`` package, not transformers (seconds of import)."""
+    import sentencepiece as spm
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
 
     (folder / SPM_FILE).write_bytes(model)
-    vocab, _, merges = SentencePieceExtractor(str(folder / SPM_FILE)).extract()
-    bpe = models.BPE(vocab=vocab, merges=merges, unk_token=SPECIALS["unk"], byte_fallback=True, fuse_unk=True)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / SPM_FILE))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    bpe = models.BPE(vocab=vocab, merges=_merges(sp, vocab), unk_token=SPECIALS["unk"], byte_fallback=True,
+                     fuse_unk=True)
     tok = Tokenizer(bpe)
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
@@ -217,10 +233,26 @@ def _save_spm_folder(model: bytes, folder: Path) -> None:
     bos = SPECIALS["bos"]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token=SPECIALS["eos"], pad_token=SPECIALS["pad"],
-        unk_token=SPECIALS["unk"], split_special_tokens=True, clean_up_tokenization_spaces=False)
-    hf.save_pretrained(str(folder))
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "backend": "tokenizers",
+              **{f"{name}_token": piece for name, piece in SPECIALS.items()},
+              "split_special_tokens": True,  # "<s>" in a book is text, as sentencepiece reads it
+              "clean_up_tokenization_spaces": False, "model_max_length": 1 << 40}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _merges(sp, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges that replay SentencePiece: every split of a normal piece into two pieces, the
+    pieces with higher scores first (as transformers' SentencePieceExtractor orders them)."""
+    merges = []
+    for i in range(sp.get_piece_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
+            continue
+        piece, score = sp.id_to_piece(i), sp.get_score(i)
+        pairs = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges += [(left, right, score) for left, right in sorted(pairs, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
 
 
 def _load_hf(folder: Path):
