@@ -1,0 +1,191 @@
+"""DeepSpeed checkpoints of a run: save with client state, keep the last K, find the latest
+complete one, resume on another world size, and consolidate for eval and export.
+
+Layout (``train.output_dir/checkpoints/``): one DeepSpeed tag dir per save (``step_00000100``),
+DeepSpeed's ``latest`` file, and ``universal/`` for world-size conversions. A tag is complete once
+``memtrain_state.json`` is in it: every rank has written its shards (``save_checkpoint`` ends with a
+barrier), then rank 0 writes the state file, and only then points ``latest`` at the tag. A run
+killed during a save therefore leaves ``latest`` on the previous complete tag, and the half-written
+dir is deleted by the next successful save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+STATE_FILE = "memtrain_state.json"
+LATEST_FILE = "latest"
+UNIVERSAL_DIR = "universal"
+TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / STATE_FILE).is_file()
+
+
+def read_state(tag_dir: Path) -> dict[str, Any]:
+    return json.loads((tag_dir / STATE_FILE).read_text())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def complete_tags(ckpt_dir: Path) -> list[Path]:
+    """Complete tag dirs, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name) and is_complete(p)]
+    return sorted(tags, key=lambda p: p.name)
+
+
+def find_latest(ckpt_dir: Path) -> Path | None:
+    """The tag dir ``latest`` names if it is complete, else the newest complete one (or None)."""
+    latest = ckpt_dir / LATEST_FILE
+    if latest.is_file():
+        tag_dir = ckpt_dir / latest.read_text().strip()
+        if is_complete(tag_dir):
+            return tag_dir
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
+         state: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank writes its shards; rank 0 then seals the tag and prunes old ones."""
+    import deepspeed.comm as dist
+
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    tag_dir = ckpt_dir / tag
+    if dist.get_rank() == 0:
+        _atomic_write(tag_dir / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
+        _atomic_write(ckpt_dir / LATEST_FILE, tag)
+        prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return tag_dir
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete tags; drop older ones and half-written leftovers."""
+    keep = {p.name for p in complete_tags(ckpt_dir)[-keep_last:]}
+    for path in ckpt_dir.iterdir():
+        if path.is_dir() and TAG_PATTERN.match(path.name) and path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+    universal = ckpt_dir / UNIVERSAL_DIR
+    if universal.is_dir():
+        for path in universal.iterdir():
+            if path.is_dir() and path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def universal_tag_dir(tag_dir: Path) -> Path:
+    return tag_dir.parent / UNIVERSAL_DIR / tag_dir.name
+
+
+def convert_to_universal(tag_dir: Path) -> Path:
+    """DeepSpeed's universal checkpoint of ``tag_dir`` (made once; a temp dir renamed into place)."""
+    target = universal_tag_dir(tag_dir)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(tmp), "--inject_missing_state",
+           "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = "\n".join(result.stderr.strip().splitlines()[-20:])
+        raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed:\n{tail}")
+    shutil.copy2(tag_dir / STATE_FILE, tmp / STATE_FILE)
+    os.replace(tmp, target)
+    _atomic_write(target.parent / "latest_universal", target.name)
+    return target
+
+
+def resolve_tag_dir(path: str | Path) -> Path:
+    """A run's train.output_dir (its latest complete checkpoint) or one tag dir -> the tag dir."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    if (path / "checkpoints").is_dir():
+        latest = find_latest(checkpoints_dir(path))
+        if latest is None:
+            raise UserError(f"no complete checkpoint in {path / 'checkpoints'}")
+        return latest
+    if TAG_PATTERN.match(path.name) and path.is_dir():
+        raise UserError(f"checkpoint {path} is incomplete (no {STATE_FILE}: the save was interrupted)")
+    raise UserError(f"not a memtrain checkpoint: {path} (expected a train.output_dir or a step_XXXXXXXX dir)")
+
+
+def load_consolidated(path: str | Path) -> tuple[dict[str, Any], Any, Path]:
+    """(full fp32 state dict, the run's ExperimentConfig, tag dir) for eval and export."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pipeline.config import load_config
+
+    tag_dir = resolve_tag_dir(path)
+    output_dir = tag_dir.parent.parent
+    config_path = output_dir / "config.yaml"
+    if not config_path.is_file():
+        raise UserError(f"{config_path} is missing: {tag_dir} is not inside a memtrain train.output_dir")
+    cfg = load_config(config_path)
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return state_dict, cfg, tag_dir
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's python/numpy/torch RNG states, indexed by rank (collective)."""
+    import random
+
+    import deepspeed.comm as dist
+    import numpy as np
+    import torch
+
+    mine = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng_states(states: list[dict[str, Any]], rank: int, seed: int) -> None:
+    """This rank's saved RNG states; a rank the checkpoint lacks (larger world) gets a fresh seed."""
+    import random
+
+    import numpy as np
+    import torch
+
+    if rank >= len(states):
+        random.seed(seed + rank)
+        np.random.seed(seed + rank)
+        torch.manual_seed(seed + rank)
+        return
+    state = states[rank]
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,338 @@
+"""``memtrain train``: DeepSpeed training of a memory-augmented decoder, resumable and preemptible.
+
+One process is one rank (torchrun, the deepspeed launcher, srun, or none); ``--nproc N`` starts N
+local ranks first. Every rank runs the same loop: warmup+cosine LR, the curriculum's segment count,
+one ``backward`` per micro-batch, DeepSpeed's step (clipping from ``train.grad_clip``), periodic
+eval and checkpoints. A run whose output dir holds a checkpoint resumes from it exactly (weights,
+optimizer, RNG states, data position; the schedule and curriculum are functions of the step), on
+another world size through DeepSpeed's universal checkpoint. SIGUSR2/SIGTERM: every rank saves at
+the next step boundary and the process exits with EXIT_PREEMPTED, which sbatch turns into a requeue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import checkpoint, launch
+from pipeline.config import ExperimentConfig
+from pipeline.ds_config import batch_plan, offloads_optimizer, resolve_ds_config, zero_stage
+from pipeline.errors import UserError
+
+EXIT_PREEMPTED = launch.EXIT_PREEMPTED
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pipeline.cli import config_from_args
+
+    cfg = config_from_args(args)
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc == 1:
+        return train(cfg)
+    if launch.under_launcher():
+        raise UserError("--nproc starts local ranks itself; under torchrun/srun each command is already one rank")
+    preflight(cfg, args.nproc)  # fail here, before any rank starts
+    rank_argv = ["train", "--config", args.config, *(["--set", *args.overrides] if args.overrides else [])]
+    return launch.run_local_ranks(args.nproc, rank_argv, on_cpu=not _has_gpu())
+
+
+@dataclass
+class Preflight:
+    ds_config: dict[str, Any]
+    manifest: dict[str, Any]
+    vocab_size: int
+
+
+def preflight(cfg: ExperimentConfig, world_size: int) -> Preflight:
+    """Every check that needs no rank: the DeepSpeed JSON against the world size, the shards against
+    the model and the config, the output dir against this config. UserError on the first problem."""
+    from data_prep.manifest import read_manifest
+
+    from pipeline.data import check_data
+
+    ds_config = resolve_ds_config(cfg, world_size)
+    manifest = read_manifest(cfg.data.output_dir)
+    vocab_size = tokenizer_vocab_size(Path(cfg.data.output_dir) / "tokenizer")
+    check_data(cfg, manifest, vocab_size)
+    check_same_run(cfg, manifest)
+    return Preflight(ds_config, manifest, vocab_size)
+
+
+def tokenizer_vocab_size(tokenizer_dir: Path) -> int:
+    if not tokenizer_dir.is_dir():
+        raise UserError(f"tokenizer folder missing: {tokenizer_dir}")
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+
+
+def check_same_run(cfg: ExperimentConfig, manifest: dict[str, Any]) -> None:
+    """An output dir with checkpoints is resumed: its model, memory and tokenizer must be this config's."""
+    from pipeline.config import load_config
+
+    out = Path(cfg.train.output_dir)
+    if checkpoint.find_latest(checkpoint.checkpoints_dir(out)) is None:
+        return
+    saved = load_config(out / "config.yaml")
+    for section in ("model", "memory"):
+        before, now = getattr(saved, section).model_dump(), getattr(cfg, section).model_dump()
+        changed = [f"{section}.{key}: {before[key]!r} -> {now[key]!r}" for key in now if before.get(key) != now[key]]
+        if changed:
+            raise UserError(f"train.output_dir {out} holds checkpoints of another model ({changed[0]}); "
+                            "use a new train.output_dir")
+    saved_manifest = json.loads((out / "data_manifest.json").read_text())
+    if saved_manifest.get("tokenizer_hash") != manifest.get("tokenizer_hash"):
+        raise UserError(f"train.output_dir {out} was trained with another tokenizer than the one in {cfg.data.output_dir}")
+
+
+class PreemptionFlag:
+    """SIGUSR2/SIGTERM only raise a flag; the loop acts on it at a step boundary, on all ranks at once."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def import_model_classes(arch: str) -> None:
+    """Import the base model's modeling code (and torch._dynamo, which it pulls in lazily) before
+    ``zero.Init`` patches tensor construction: imported inside it, they crash."""
+    import torch._dynamo  # noqa: F401
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    AutoModelForCausalLM._model_mapping[CONFIG_MAPPING[arch]]
+
+
+def build_partitioned_model(cfg: ExperimentConfig, checks: Preflight, ds_config: dict[str, Any]) -> tuple[Any, Any]:
+    """(model, HfDeepSpeedConfig): the model built under ``zero.Init`` (ZeRO-3) from ``train.seed``,
+    so every world size starts from the same weights. Keep the second item alive with the model."""
+    import deepspeed
+    import torch
+    from transformers.integrations import HfDeepSpeedConfig
+
+    import_model_classes(cfg.model.arch)
+    from pipeline.models import build_model
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    torch.manual_seed(cfg.train.seed)
+    manifest = checks.manifest
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
+        model = build_model(cfg, vocab_size=checks.vocab_size, bos_token_id=manifest["bos_token_id"],
+                            eos_token_id=manifest["eos_token_id"], pad_token_id=manifest["pad_token_id"])
+    return model, hf_ds_config
+
+
+@dataclass
+class ResumePoint:
+    tag_dir: Path  # the complete checkpoint resumed from
+    load_dir: Path  # what load_checkpoint reads: the checkpoints dir, or its universal/ conversion
+    universal: bool
+
+
+def resume_point(ckpt_dir: Path, world_size: int, is_main: bool) -> ResumePoint | None:
+    """The latest complete checkpoint; saved at another world size, rank 0 converts it to DeepSpeed's
+    universal format first (collective)."""
+    import deepspeed.comm as dist
+
+    tag_dir = checkpoint.find_latest(ckpt_dir)
+    if tag_dir is None:
+        return None
+    if checkpoint.read_state(tag_dir)["world_size"] == world_size:
+        return ResumePoint(tag_dir, ckpt_dir, universal=False)
+    if is_main:
+        checkpoint.convert_to_universal(tag_dir)
+    dist.barrier()
+    return ResumePoint(tag_dir, checkpoint.universal_tag_dir(tag_dir).parent, universal=True)
+
+
+def train(cfg: ExperimentConfig) -> int:
+    dist_env = launch.setup()
+    checks = preflight(cfg, dist_env.world_size)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # thousands about all_gather_into_tensor
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel("WARNING")
+    deepspeed.init_distributed()
+    return Trainer(cfg, dist_env, checks).run()
+
+
+class Trainer:
+    """One rank's training run: set-up and resume in ``__init__``, then ``run``."""
+
+    def __init__(self, cfg: ExperimentConfig, dist_env: launch.DistEnv, checks: Preflight) -> None:
+        import deepspeed
+        import deepspeed.comm as dist
+
+        from pipeline.data import DataPosition, TrainBatches, open_train_split
+        from pipeline.optim import make_optimizer
+        from pipeline.progress import Progress
+        from pipeline.tracking import start_tracking
+
+        started = time.perf_counter()
+        self.cfg, self.env, self.dist = cfg, dist_env, dist
+        self.out = Path(cfg.train.output_dir)
+        self.ckpt_dir = checkpoint.checkpoints_dir(self.out)
+        self.plan = batch_plan(cfg.train, dist_env.world_size)
+        self.resume = resume_point(self.ckpt_dir, dist_env.world_size, dist_env.is_main)
+        self.ds_config = checks.ds_config
+        if self.resume is not None and self.resume.universal:
+            self.ds_config = {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}),
+                                                               "load_universal": True}}
+        if dist_env.is_main:
+            self._write_run_files()
+        dist.barrier()
+
+        model, self._hf_ds_config = build_partitioned_model(cfg, checks, self.ds_config)
+        optimizer = make_optimizer(model, cfg.train, offload=offloads_optimizer(self.ds_config))
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+
+        self.step, self.tokens_seen, run_id, position = 0, 0, None, DataPosition()
+        rng_states: list[dict[str, Any]] = []
+        if self.resume is not None:
+            _, client = self.engine.load_checkpoint(str(self.resume.load_dir), tag=self.resume.tag_dir.name,
+                                                    load_lr_scheduler_states=False)
+            self.step, self.tokens_seen = client["step"], client["tokens_seen"]
+            position, run_id, rng_states = DataPosition(**client["data_position"]), client["mlflow_run_id"], client["rng"]
+        self.batches = TrainBatches(open_train_split(cfg.data.output_dir), self.plan, dist_env.rank,
+                                    cfg.data.segment_len, cfg.train.seed, position)
+        self.tracker = start_tracking(cfg, self.ds_config, run_id=run_id, world_size=dist_env.world_size,
+                                      rank=dist_env.rank)
+        self.progress = Progress(self.out / "logs" / "train.log", self.step, cfg.train.max_steps,
+                                 cfg.train.log_every, enabled=dist_env.is_main)
+        self._eval_split: Any = None
+        checkpoint.restore_rng_states(rng_states, dist_env.rank, cfg.train.seed)  # last: nothing may draw after it
+        resumed = f", resumed from {self.resume.tag_dir.name}" if self.resume else ""
+        self.progress.info(f"ready in {time.perf_counter() - started:.1f} s: world size {dist_env.world_size}, "
+                           f"global batch {self.plan.global_batch} = {self.plan.micro} x {self.plan.accum} x "
+                           f"{self.plan.world}, ZeRO stage {zero_stage(self.ds_config)}, step {self.step}{resumed}")
+
+    def _write_run_files(self) -> None:
+        """config.yaml, ds_config.json, the tokenizer and the data manifest: the run dir is self-contained."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(self.out / "config.yaml")
+        (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        data_dir = Path(self.cfg.data.output_dir)
+        shutil.copytree(data_dir / "tokenizer", self.out / "tokenizer", dirs_exist_ok=True)
+        shutil.copy2(data_dir / "manifest.json", self.out / "data_manifest.json")
+
+    def run(self) -> int:
+        flag = PreemptionFlag()
+        status = "FAILED"
+        try:
+            code = self._loop(flag)
+            status = "KILLED" if code == EXIT_PREEMPTED else "FINISHED"
+            return code
+        finally:
+            flag.restore()
+            self.progress.close()
+            self.tracker.finish(status)
+
+    def _loop(self, flag: PreemptionFlag) -> int:
+        import torch
+
+        from pipeline.data import segments_for_step
+        from pipeline.optim import lr_at
+
+        cfg, plan = self.cfg, self.plan
+        while self.step < cfg.train.max_steps:
+            started = time.perf_counter()
+            lr = lr_at(cfg.train, self.step)
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = lr
+            counts = segments_for_step(cfg.train, self.step, cfg.data.n_segments, plan.accum)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for micro in self.batches.next_step(counts):
+                loss = self.engine(input_ids=micro.input_ids, labels=micro.labels).loss
+                self.engine.backward(loss)  # one backward per micro-batch: all segments' losses are in it
+                self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+                loss_sum += loss.detach().double().cpu()
+            self.step += 1
+            step_tokens = sum(counts) * cfg.data.segment_len * plan.micro * plan.world
+            self.tokens_seen += step_tokens
+            # one collective per step: the mean loss, and whether any rank was asked to stop
+            shared = torch.stack([loss_sum, torch.tensor(float(flag.raised), dtype=torch.float64)])
+            self.dist.all_reduce(shared)
+            elapsed = time.perf_counter() - started
+            metrics = {
+                "loss": float(shared[0]) / (plan.world * plan.accum),
+                "lr": lr,
+                "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                "tokens_per_s": step_tokens / elapsed,
+                "samples_per_s": plan.global_batch / elapsed,
+                "n_segments": float(max(counts)),
+            }
+            if not math.isfinite(metrics["loss"]):
+                raise RuntimeError(f"loss is {metrics['loss']} at step {self.step}")
+            self.tracker.log_metrics(metrics, step=self.step)
+            self.progress.step(self.step, metrics)
+            preempted, last = bool(shared[1] > 0), self.step == cfg.train.max_steps
+            if last or cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                self._evaluate(final=last)
+            if preempted or last or self.step % cfg.train.save_every == 0:
+                self._save("preempted" if preempted else "final" if last else "periodic")
+            if preempted:
+                self.progress.info(f"preempted: checkpoint saved at step {self.step}; exiting with {EXIT_PREEMPTED}")
+                return EXIT_PREEMPTED
+        return 0
+
+    def _evaluate(self, final: bool) -> None:
+        """Collective: every rank evaluates its share; rank 0 writes eval/step_XXXXXXXX.* and logs them."""
+        from data_prep.shards import open_split
+
+        from pipeline.evaluate import evaluate_model
+        from pipeline.report import save_eval
+
+        if self._eval_split is None:
+            self._eval_split = open_split(self.cfg.data.output_dir, self.cfg.eval.split)
+        result = evaluate_model(self.engine, self._eval_split, self.cfg, n_segments=self.cfg.data.n_segments)
+        if not self.env.is_main:
+            return
+        files = save_eval(result, self.out / "eval", checkpoint.tag_for(self.step))
+        self.tracker.log_eval(result, step=self.step, files=files)
+        if final:
+            self.tracker.log_final_curve(result, files=files)
+        self.progress.info(f"eval at step {self.step}: {self.cfg.eval.split} ppl {result.ppl:.3f}, by segment "
+                           + " ".join(f"{row.ppl:.2f}" for row in result.segments))
+
+    def _save(self, reason: str) -> None:
+        from pipeline.data import curriculum_segments
+
+        n_segments = curriculum_segments(self.cfg.train, self.step, self.cfg.data.n_segments)
+        client = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data_position": self.batches.position.as_dict(),
+            "rng": checkpoint.gather_rng_states(),
+            "n_segments": n_segments,
+            "mlflow_run_id": self.tracker.run_id,
+        }
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.env.world_size,
+                 "mlflow_run_id": self.tracker.run_id, "n_segments": n_segments, "reason": reason}
+        tag_dir = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, state, self.cfg.train.keep_last)
+        self.progress.info(f"saved {tag_dir} ({reason})")
+
+
+def _has_gpu() -> bool:
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
