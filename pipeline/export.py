@@ -72,6 +72,16 @@ def publish(staging: Path, out: Path, force: bool) -> None:
     shutil.rmtree(previous)
 
 
+def apply_umask(folder: Path) -> None:
+    """Give the export the modes of ordinary files: mkdtemp makes the folder 0700 and the
+    safetensors shards come out 0600, which hides a shared export from everyone else."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def zero_stage(train_dir: Path) -> int | None:
     ds_config = train_dir / "ds_config.json"
     if not ds_config.is_file():
@@ -98,7 +108,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
                       model_name: str | None = None) -> Export:
     """Write the HF folder of ``checkpoint`` (``train.output_dir`` or one tag folder) to ``out``."""
     import torch
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     from pipeline.checkpoint import load_consolidated
     from pipeline.model_card import TrainingFacts, render_model_card
@@ -129,7 +139,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
     try:
         model.save_pretrained(staging, max_shard_size=cfg.export.max_shard_size)
         model.generation_config.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
+        for file in tokenizer_dir.iterdir():  # the training's own files, byte for byte
+            shutil.copy2(file, staging / file.name)
         step = int(state["step"])
         facts = TrainingFacts(
             step=step, tokens_seen=int(state.get("tokens_seen", 0)), world_size=int(state["world_size"]),
@@ -139,6 +150,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
         evaluation = copy_evaluation(train_dir, step, staging)
         card = render_model_card(cfg, model_name or out.name, facts, evaluation)
         (staging / "README.md").write_text(card)
+        apply_umask(staging)
         publish(staging, out, force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

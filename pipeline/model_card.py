@@ -74,7 +74,7 @@ def card_metadata(cfg: ExperimentConfig, model_name: str, evaluation: CardEvalua
         results = [
             HubEvalResult(**common, metric_value=round(evaluation.perplexity, 4), metric_name="Perplexity"),
             HubEvalResult(**common, metric_value=round(evaluation.segment_perplexity[-1], 4),
-                          metric_name=f"Perplexity (last segment, {len(evaluation.segment_perplexity)})"),
+                          metric_name="Perplexity (last segment)"),
         ]
     return ModelCardData(
         license=cfg.export.license,
@@ -110,7 +110,8 @@ def _facts_table(cfg: ExperimentConfig, facts: TrainingFacts) -> str:
         ("Tokens seen", f"{facts.tokens_seen:,}"),
         ("World size", f"{facts.world_size} ranks"),
         ("DeepSpeed", f"ZeRO stage {facts.zero_stage}" if facts.zero_stage is not None else "unknown"),
-        ("Batch", f"{train.micro_batch_size} per rank x {train.grad_accum} accumulation steps"),
+        ("Batch", f"{train.micro_batch_size} per rank x {train.grad_accum} accumulation steps x "
+                  f"{facts.world_size} ranks = {train.micro_batch_size * train.grad_accum * facts.world_size} samples"),
         ("Learning rate", f"{train.lr:g} (min {train.min_lr:g}, {train.warmup_steps} warmup steps)"),
         ("Data source", f"`{cfg.data.source}`"),
     ]
@@ -138,11 +139,11 @@ def _usage(model_name: str, cfg: ExperimentConfig) -> str:
     return f"""```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{model_name}")
+tokenizer = AutoTokenizer.from_pretrained("{model_name}", trust_remote_code=True)  # no custom-code prompt
 model = AutoModelForCausalLM.from_pretrained("{model_name}", trust_remote_code=True)
 
 prompt = tokenizer("A long book ...", return_tensors="pt").input_ids
-output = model.generate(prompt)  # generation_config.json holds eos/pad and max_new_tokens
+output = model.generate(prompt, max_new_tokens=50)
 print(tokenizer.decode(output[0, prompt.shape[1]:]))
 ```
 
@@ -179,7 +180,7 @@ A memory-augmented decoder trained with `memtrain` (DeepSpeed) on long documents
 
 ## How to use
 
-The model code ships in this folder: loading needs `transformers`, `torch` and
+The modeling code ships with the weights: loading needs `transformers`, `torch` and
 `trust_remote_code=True`, not memtrain.
 
 {_usage(model_name, cfg)}
