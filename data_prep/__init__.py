@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 def prepare(cfg, shard_index: int | None = None, num_shards: int | None = None):
-    """Run prep for an ExperimentConfig (see data_prep.prepare); returns a PrepResult."""
-    from data_prep.prepare import prepare as run
+    """Run prep for an ExperimentConfig (see data_prep.run); returns a PrepResult."""
+    from data_prep.run import prepare as run
 
     return run(cfg, shard_index, num_shards)

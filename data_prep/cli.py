@@ -15,7 +15,7 @@ def run_prep(args: argparse.Namespace) -> int:
     its plan.json (data.plan_wait_s), then each writes its slice of the shards and a partial
     manifest; ``memtrain prep merge DIR`` (a dependent job) writes manifest.json.
     """
-    from data_prep.prepare import prepare, summary_line
+    from data_prep.run import prepare, summary_line
     from pipeline.cli import config_from_args
 
     cfg = config_from_args(args)

@@ -53,8 +53,8 @@ def write_books(folder: Path, n: int, n_words: int = 600, seed: int = 0) -> list
 
 def tiny_config(tmp_path: Path, **data: Any) -> ExperimentConfig:
     tree = {
-        "source": "synthetic:8", "output_dir": str(tmp_path / "out"), "segment_len": 16, "n_segments": 4,
-        "vocab_size": 420, "tokenizer_sample_sentences": 1000, "tokenizer_threads": 2,
+        "source": "synthetic:8", "output_dir": str(tmp_path / "out"), "segment_len": 16, "n_segments": 8,
+        "vocab_size": 600, "tokenizer_sample_sentences": 1000, "tokenizer_threads": 2,
         "samples_per_shard": 16, "val_fraction": 0.2, "test_fraction": 0.2,
         "synthetic": {"words_per_book": 600, "facts_per_book": 4, "min_recall_distance_segments": 2},
     }
