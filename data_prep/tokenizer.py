@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -85,10 +86,15 @@ def train_sentencepiece(lines: Iterator[str], data, out_dir: Path) -> None:
             max_sentence_length=4 * MAX_TRAIN_LINE + 16, character_coverage=0.9995, minloglevel=2,
         )
     except RuntimeError as err:
-        reason = str(err).splitlines()[-1] if str(err) else type(err).__name__
-        hint = "; lower data.vocab_size (byte_fallback alone takes 256 ids + the characters seen)" \
-            if "ocab" in reason else ""
-        raise UserError(f"SentencePiece training failed: {reason}{hint}") from None
+        too_high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", str(err))
+        if too_high:
+            raise UserError(f"data.vocab_size={too_high[1]} is more than this corpus supports "
+                            f"(at most {too_high[2]}); lower it or add books") from None
+        too_low = re.search(r"Vocabulary size is smaller than required_chars. (\d+) vs (\d+)", str(err))
+        if too_low:
+            raise UserError(f"data.vocab_size={too_low[1]} is below the {too_low[2]} pieces the characters"
+                            f"{' and byte fallback' if data.byte_fallback else ''} need; raise it") from None
+        raise UserError(f"SentencePiece training failed: {str(err).splitlines()[-1]}") from None
     _write_atomically(out_dir, lambda tmp: _save_spm_folder(model.getvalue(), tmp))
 
 

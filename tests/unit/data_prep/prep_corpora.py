@@ -11,7 +11,7 @@ from pipeline.config import ExperimentConfig, build_config
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # Long made-up words: the session tokenizer learns each as one token, so the 50 MB book stays cheap.
-LONG_WORDS = [("".join(random.Random(i).choice(LETTERS) for _ in range(11 + i % 4))) for i in range(24)]
+LONG_WORDS = ["".join(random.Random(i).sample(LETTERS, 11 + i % 4)) for i in range(24)]
 COMMON = ("the of and a to in he was that it his her with as had for you not she but at on said him is "
           "my all me have be old house river night road morning letter garden").split()
 ACCENTED = ["café", "naïve", "Zoë", "über", "déjà", "façade"]
