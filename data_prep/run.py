@@ -27,7 +27,7 @@ from data_prep.tokenizer import Encoder, describe, install_tokenizer, train_sent
 from data_prep import work
 from pipeline.errors import UserError
 
-ESTIMATE_BYTES = 1 << 20  # text encoded to estimate tokens per byte for the shard layout
+ESTIMATE_BYTES = 1 << 18  # text encoded to estimate tokens per byte for the shard layout
 
 
 @dataclass
@@ -127,7 +127,7 @@ def _check_tokenizer(data, tokenizer_dir: Path, wanted: set[int]) -> None:
 
 
 def _tokens_per_byte(data, tokenizer_dir: Path, wanted: set[int]) -> float:
-    """Tokens per UTF-8 byte on the first ~1 MB of the corpus (only used to size shards)."""
+    """Tokens per UTF-8 byte on the first ~256 KB of the corpus (only used to size shards)."""
     work.init(data, None)
     encoder = Encoder(tokenizer_dir)
     n_bytes = n_tokens = 0
@@ -170,7 +170,7 @@ def _write_shards(data, data_dir: Path, units: list[dict[str, Any]],
                                     f"({book.reason or 'new content'}); delete {data_dir} and prepare again")
                 done = pending[unit["path"]]
                 done.append((planned[1], book.samples))
-                tokens += int(book.samples.loss_mask.sum())
+                tokens += book.n_tokens
                 if len(done) == len(unit["books"]):
                     records[unit["path"]] = _write_unit(data, data_dir, unit, done)
                     del pending[unit["path"]]

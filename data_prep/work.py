@@ -37,6 +37,7 @@ class EncodedBook:
     sha256: str
     samples: BookSamples | None  # None: the book became unusable since the plan
     reason: str | None = None
+    n_tokens: int = 0  # tokens encoded, bos/eos included (a dropped tail counts too)
 
 
 def init(data, tokenizer_dir: str | None) -> None:
@@ -92,7 +93,7 @@ def encode_book(ref: BookRef) -> EncodedBook:
         return EncodedBook(ref.index, "", None, skip.reason)
     stream = np.concatenate([[info.bos_token_id], ids, [info.eos_token_id]]).astype(np.int32)
     samples = book_samples(stream, recall, data.sample_len, data.tail, info.pad_token_id)
-    return EncodedBook(ref.index, hashlib.sha256(text.encode()).hexdigest(), samples)
+    return EncodedBook(ref.index, hashlib.sha256(text.encode()).hexdigest(), samples, n_tokens=len(stream))
 
 
 def _synthetic(ref: BookRef):
