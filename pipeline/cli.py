@@ -45,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memtrain", description="Train memory-augmented decoders (RMT, ARMT) on long books with DeepSpeed.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    prep = commands.add_parser("prep", help="books -> tokenizer -> sample shards")
+    prep = commands.add_parser(
+        "prep", help="books -> tokenizer -> sample shards",
+        description="Books -> tokenizer -> sample shards in data.output_dir. In a SLURM job array every task "
+                    "runs the same command with --shard-index $SLURM_ARRAY_TASK_ID --num-shards "
+                    "$SLURM_ARRAY_TASK_COUNT: task 0 plans (reads every book once) and trains the tokenizer "
+                    "(unless data.tokenizer is set), the other tasks wait for its plan.json (data.plan_wait_s), "
+                    "each task writes its share of the shards; then `memtrain prep merge DIR` writes manifest.json.")
     prep_actions = prep.add_subparsers(dest="prep_action", metavar="merge")
     add_config_arguments(prep, required=False)
     prep.add_argument("--shard-index", type=int, default=None, help="this task's slice of the books (SLURM array)")
