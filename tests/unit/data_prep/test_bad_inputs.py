@@ -46,11 +46,12 @@ def test_corrupt_gzip_and_non_utf8_books_are_skipped_and_counted(config, tmp_pat
     whole = gzip.compress((tmp_path / "books" / "book000.txt").read_bytes())
     (tmp_path / "books" / "broken.txt.gz").write_bytes(whole[: len(whole) // 2])
     (tmp_path / "books" / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me ".encode("latin-1") * 100)
+    (tmp_path / "books" / "zz-copy.txt").write_bytes((tmp_path / "books" / "book000.txt").read_bytes() + b"\n")
     cfg = config(source=str(tmp_path / "books"))
     code, _ = run_prep(cfg, tmp_path, capsys)
     assert code == 0
     books = read_manifest(cfg.data.output_dir)["books"]
-    assert books["skipped"] == {"corrupt gzip": 1, "not utf-8": 1} and books["used"] == 4
+    assert books["skipped"] == {"corrupt gzip": 1, "duplicate": 1, "not utf-8": 1} and books["used"] == 4
 
 
 def test_only_corrupt_gzip(config, tmp_path, capsys) -> None:
