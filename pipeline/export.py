@@ -20,10 +20,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ExperimentConfig
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.model_card import CardEvaluation
+    from pipeline.models import MemoryModelForCausalLM
 
 CARD_TABLE = "per_segment_perplexity.json"
 CARD_PLOT = "per_segment_perplexity.png"
@@ -89,7 +93,8 @@ def zero_stage(train_dir: Path) -> int | None:
     return read_json(ds_config, "DeepSpeed config").get("zero_optimization", {}).get("stage")
 
 
-def build_from_state_dict(cfg: ExperimentConfig, manifest: dict[str, Any], state_dict: dict[str, Any]):
+def build_from_state_dict(cfg: ExperimentConfig, manifest: dict[str, Any],
+                          state_dict: dict[str, Any]) -> "MemoryModelForCausalLM":
     """The HF model of ``cfg`` holding exactly the checkpoint's weights (every key on both sides)."""
     from pipeline.models import build_model
 
@@ -113,9 +118,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
     from pipeline.checkpoint import load_consolidated
     from pipeline.model_card import TrainingFacts, render_model_card
 
-    out = Path(out)
+    out = Path(out).absolute()  # "." has no name to stage beside
     check_destination(out, Path(checkpoint), force)
-    state_dict, cfg, tag_dir = load_consolidated(checkpoint)
+    try:
+        state_dict, cfg, tag_dir = load_consolidated(checkpoint)
+    except (OSError, RuntimeError, ValueError, EOFError) as err:  # a shard missing or cut short
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot read the checkpoint {checkpoint} (damaged or half-written): {reason}") from None
     tag_dir = Path(tag_dir)
     train_dir = tag_dir.parent.parent  # <output_dir>/checkpoints/<tag>
     state = read_json(tag_dir / "memtrain_state.json", "checkpoint state")
@@ -168,7 +177,7 @@ def eval_file(train_dir: Path, step: int) -> Path | None:
     return found[-1] if found else None
 
 
-def copy_evaluation(train_dir: Path, step: int, staging: Path):
+def copy_evaluation(train_dir: Path, step: int, staging: Path) -> "CardEvaluation | None":
     """Put the eval table (JSON) and plot next to the card and return what the card shows of them."""
     from pipeline.evaluate import EvalResult
     from pipeline.model_card import CardEvaluation
@@ -212,16 +221,16 @@ def push_to_hub(folder: Path, repo_id: str, revision: str | None, private: bool,
 
 def log_to_mlflow(export: Export) -> None:
     """Attach the exported folder to the training's MLflow run. Best effort: a failure only warns."""
-    tracking = export.cfg.tracking
-    if not (tracking.enabled and export.cfg.export.log_to_mlflow and export.mlflow_run_id):
+    cfg = export.cfg
+    if not (cfg.tracking.enabled and cfg.export.log_to_mlflow and export.mlflow_run_id):
         return
-    try:
-        import mlflow
+    from pipeline.tracking import connect
 
-        client = mlflow.MlflowClient(tracking_uri=tracking.uri)
+    try:
+        client, _ = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)
         client.log_artifacts(export.mlflow_run_id, str(export.folder), artifact_path=f"export/step_{export.step:08d}")
     except Exception as err:  # noqa: BLE001 - tracking must never fail an export that is already on disk
-        reason = (str(err).splitlines() or [""])[0][:200]
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
         print(f"memtrain export: warning: not logged to MLflow run {export.mlflow_run_id}: "
               f"{type(err).__name__}: {reason}", file=sys.stderr)
 

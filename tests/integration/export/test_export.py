@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,10 @@ def test_folder_holds_sharded_weights_code_configs_and_card(exports: Exports, tr
     assert "](per_segment_perplexity.png)" in card.text and (out / "per_segment_perplexity.png").stat().st_size > 0
     assert EvalResult.from_json(out / "per_segment_perplexity.json") == reported
     assert sorted(p.name for p in out.parent.iterdir()) == ["bf16", "fp32", "hf_home"]  # no temp folders left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
 
 
 FAKE_TOKEN = "hf_FakeTokenForTheExportTestNeverSentAnywhere"
@@ -163,10 +168,12 @@ def test_push_uploads_the_folder_to_the_repo_branch_without_leaking_the_token(
 
 
 def error_line(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """The one error line of a failed export (DeepSpeed's progress bar may stand before it)."""
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    return err
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("memtrain export: error: ") and "Traceback" not in err, err
+    return errors[0]
 
 
 def test_missing_and_half_written_checkpoints_are_one_clear_line(
@@ -181,6 +188,16 @@ def test_missing_and_half_written_checkpoints_are_one_clear_line(
     (tag_dir / "memtrain_state.json").unlink()
     assert "incomplete" in error_line(["export", "--checkpoint", str(tag_dir), "--out", str(out)], capsys)
     assert "no complete checkpoint" in error_line(["export", "--checkpoint", str(run), "--out", str(out)], capsys)
+
+    # sealed, but one rank's shard is gone, or cut short
+    shutil.rmtree(run)
+    shutil.copytree(trained_run.output_dir, run)
+    shards = sorted(tag_dir.glob("*_optim_states.pt"))
+    shards[1].unlink()
+    assert "half-written" in error_line(["export", "--checkpoint", str(run), "--out", str(out)], capsys)
+    shutil.copy(trained_run.output_dir / tag_dir.relative_to(run) / shards[1].name, shards[1])
+    shards[0].write_bytes(shards[0].read_bytes()[:1000])
+    assert "half-written" in error_line(["export", "--checkpoint", str(run), "--out", str(out)], capsys)
     assert not out.exists()
 
 
@@ -194,3 +211,24 @@ def test_non_empty_out_is_refused_without_force(trained_run: TrainedRun, tmp_pat
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert "--push" in error_line(["export", "--checkpoint", str(trained_run.output_dir), "--out", str(tmp_path / "x"),
                                    "--push", "not a repo id//"], capsys)
+
+
+def test_export_is_logged_to_the_training_mlflow_run_and_a_bad_run_only_warns(
+        exports: Exports, trained_run: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mlflow import MlflowClient
+
+    from pipeline.config import load_config
+    from pipeline.export import Export, log_to_mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("export", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+    cfg = load_config(trained_run.config, [f"tracking.uri={uri}", "tracking.enabled=true", "export.log_to_mlflow=true"])
+
+    log_to_mlflow(Export(folder=exports.fp32, step=4, cfg=cfg, mlflow_run_id=run_id))
+    logged = {Path(a.path).name for a in client.list_artifacts(run_id, "export/step_00000004")}
+    assert logged == {p.name for p in exports.fp32.iterdir()}
+
+    log_to_mlflow(Export(folder=exports.fp32, step=4, cfg=cfg, mlflow_run_id="no-such-run"))
+    assert "warning: not logged to MLflow run no-such-run" in capsys.readouterr().err
