@@ -189,12 +189,20 @@ class SlurmConfig(Section):
 
 
 class ExportConfig(Section):
+    """`memtrain export`: the Hugging Face folder and its model card."""
+
     dtype: Literal["fp32", "bf16"] = "fp32"
+    """Weights dtype of the export (bf16 casts every floating tensor); `--dtype` overrides it."""
     license: str = "apache-2.0"
+    """License in the model card metadata."""
     tags: list[str] = []
+    """Extra model card tags (memtrain, the memory kind and the base arch are always there)."""
     max_shard_size: str = "2GB"
-    max_new_tokens: int = Field(128, ge=1)  # generation_config.json default
-    log_to_mlflow: bool = False  # also attach the exported folder to the training's MLflow run
+    """Largest safetensors shard `save_pretrained` writes."""
+    max_new_tokens: int = Field(128, ge=1)
+    """Default `max_new_tokens` in generation_config.json."""
+    log_to_mlflow: bool = False
+    """Also log the exported folder as an artifact of the training's MLflow run (best effort)."""
 
 
 class ExperimentConfig(Section):
