@@ -45,3 +45,12 @@ def random_ids(batch: int, n_segments: int, seed: int = 0) -> torch.Tensor:
 @pytest.fixture
 def ids() -> torch.Tensor:
     return random_ids(2, 4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only add contention (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

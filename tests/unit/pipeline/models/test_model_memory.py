@@ -1,0 +1,81 @@
+"""Memory semantics: exact truncated BPTT per segment pair, checkpointing equivalence, ARMT state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SEGMENT_LEN, random_ids, tiny_model
+
+from pipeline.models.associative import AssociativeLayer
+
+N_SEGMENTS = 5
+
+
+def reached_segments(model, k: int, embeds: torch.Tensor, segment_nll: torch.Tensor) -> set[int]:
+    (grad,) = torch.autograd.grad(segment_nll[k], embeds, retain_graph=True)
+    per_segment = grad.abs().view(grad.shape[0], N_SEGMENTS, SEGMENT_LEN, -1).sum(dim=(0, 2, 3))
+    return {j for j in range(N_SEGMENTS) if per_segment[j] > 0}
+
+
+@pytest.mark.parametrize("kind", ["rmt", "armt"])
+@pytest.mark.parametrize("depth", [0, 1, 2, -1])
+def test_bptt_depth_is_exact_for_every_segment_pair(kind, depth):
+    model = tiny_model(kind, "gpt2", f"memory.bptt_depth={depth}", "model.segment_checkpointing=true").train()
+    ids = random_ids(2, N_SEGMENTS)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds, labels=ids)
+    for k in range(N_SEGMENTS):
+        expected = {j for j in range(k + 1) if depth == -1 or k - j <= depth}
+        assert reached_segments(model, k, embeds, out.segment_nll) == expected, f"loss of segment {k}"
+
+
+def test_initial_memory_counts_as_segment_zero():
+    model = tiny_model("rmt", "gpt2", "memory.bptt_depth=1").train()
+    out = model(random_ids(2, N_SEGMENTS), labels=random_ids(2, N_SEGMENTS))
+    reached = [torch.autograd.grad(out.segment_nll[k], model.memory.weight, retain_graph=True)[0].abs().sum() > 0
+               for k in range(N_SEGMENTS)]
+    assert reached == [True, True, False, False, False]
+
+
+def grads_of(model, ids) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind,depth", [("rmt", -1), ("rmt", 1), ("armt", -1), ("none", -1), ("full", -1)])
+def test_checkpointing_gives_the_same_loss_and_gradients(kind, depth):
+    ids = random_ids(2, 4)
+    model = tiny_model(kind, "gpt2", f"memory.bptt_depth={depth}").train()
+    reference_loss, reference = grads_of(model, ids)
+    assert len(reference) == len(list(model.parameters()))
+    model.config.segment_checkpointing = True
+    variants = [grads_of(model, ids)]
+    model.config.segment_checkpointing = False
+    model.activation_checkpointing_enable()
+    variants.append(grads_of(model, ids))
+    for loss, grads in variants:
+        torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-6)
+        for name, grad in reference.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_armt_state_is_reset_every_forward_and_never_saved():
+    model = tiny_model("armt")
+    layers = [m for m in model.modules() if isinstance(m, AssociativeLayer)]
+    assert len(layers) == 2
+    x, y = random_ids(1, 3, seed=1), random_ids(1, 3, seed=2)
+    with torch.no_grad():
+        fresh = model(x).logits
+        model(y)
+        assert all(layer.state is None and layer.next_state is None for layer in layers)
+        again = model(x).logits
+    torch.testing.assert_close(again, fresh, rtol=0, atol=0)
+    keys = set(model.state_dict())
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    assert keys <= parameters | buffers
+    assert not any(key.endswith(("state", "matrix", "norm_state")) for key in keys)
+    assert {k.rsplit(".", 1)[-1] for k in keys if ".h.0." in k and ".layer." not in k} == {
+        "read_query", "write_key", "write_value", "write_gate", "write_gate_bias"}
