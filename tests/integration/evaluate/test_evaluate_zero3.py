@@ -1,68 +1,76 @@
-"""evaluate_model on 2 ZeRO-3 ranks (torchrun, gloo) gives the numbers of one plain process."""
+"""evaluate_model on 2 ZeRO-3 ranks (torchrun, gloo) gives the numbers of one plain process, and
+`memtrain eval` on the checkpoint those ranks save reproduces them, baseline included."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 
+from data_prep import prepare
+from data_prep.manifest import read_manifest
+from data_prep.shards import open_split
 from pipeline.config import load_config
-from pipeline.evaluate import EvalResult, evaluate_model
+from pipeline.evaluate import EvalResult, evaluate_model, run_eval
 from pipeline.models import build_model
 
-TOKEN_IDS = {"vocab_size": 53, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-SEGMENT_LEN, N_SEGMENTS, N_SAMPLES = 8, 3, 7
-# 7 samples on 2 ranks in batches of 2: rank 1 pads its share, and the history windows add calls.
-OVERRIDES = [f"data.segment_len={SEGMENT_LEN}", f"data.n_segments={N_SEGMENTS}", "memory.kind=rmt",
-             "memory.num_tokens=2", "model.hidden_size=16", "model.num_heads=2", "model.num_layers=2",
-             "model.max_positions=32", "eval.batch_size=2", f"eval.max_samples={N_SAMPLES}",
-             "eval.history_target=true"]
+N_SAMPLES = 7  # on 2 ranks in batches of 2: rank 1 pads its share, and the history windows add calls
 
 
-def split(n: int) -> datasets.Dataset:
-    g = torch.Generator().manual_seed(0)
-    length = SEGMENT_LEN * N_SEGMENTS
-    loss_mask = torch.ones(n, length, dtype=torch.int8)
-    loss_mask[3, -6:] = 0
-    return datasets.Dataset.from_dict({
-        "input_ids": torch.randint(3, TOKEN_IDS["vocab_size"], (n, length), generator=g).int().tolist(),
-        "loss_mask": loss_mask.tolist(),
-        "recall_mask": (torch.rand(n, length, generator=g) < 0.3).to(torch.int8).tolist(),
-    })
+def overrides(root: Path) -> list[str]:
+    return [f"data.output_dir={root / 'data'}", "data.source=synthetic:8", "data.segment_len=16", "data.n_segments=3",
+            "data.vocab_size=384", "data.val_fraction=0.25", "data.test_fraction=0.0", "data.tokenizer_threads=1",
+            "data.synthetic.words_per_book=1200", "data.synthetic.facts_per_book=3",
+            "data.synthetic.min_recall_distance_segments=1",
+            "memory.kind=rmt", "memory.num_tokens=2", "model.hidden_size=16", "model.num_heads=2",
+            "model.num_layers=2", "model.max_positions=32", f"train.output_dir={root / 'train'}",
+            "eval.batch_size=2", f"eval.max_samples={N_SAMPLES}", "eval.history_target=true"]
 
 
-def close(a: EvalResult, b: EvalResult) -> bool:
-    rows = lambda r: [(x.nll_sum, x.tokens, x.recall_nll_sum, x.recall_tokens) for x in r.segments + r.history]  # noqa: E731
-    return all(ta == tb and ra == rb and na == pytest.approx(nb, rel=1e-5) and qa == pytest.approx(qb, rel=1e-5)
-               for (na, ta, qa, ra), (nb, tb, qb, rb) in zip(rows(a), rows(b)))
+def assert_close(got: EvalResult, expected: EvalResult, rel: float) -> None:
+    assert got.n_samples == expected.n_samples and len(got.history) == len(expected.history)
+    for a, b in zip(got.segments + got.history, expected.segments + expected.history):
+        assert (a.tokens, a.recall_tokens) == (b.tokens, b.recall_tokens)
+        assert a.nll_sum == pytest.approx(b.nll_sum, rel=rel)
+        assert a.recall_nll_sum == pytest.approx(b.recall_nll_sum, rel=rel)
 
 
 @pytest.mark.slow
-def test_two_zero3_ranks_equal_one_process(tmp_path: Path, repo_root: Path) -> None:
-    cfg = load_config(None, OVERRIDES)
+def test_two_zero3_ranks_equal_one_process_and_memtrain_eval(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = load_config(None, overrides(tmp_path))
+    prepare(cfg)
+    manifest = read_manifest(cfg.data.output_dir)
     torch.manual_seed(0)
-    model = build_model(cfg, **TOKEN_IDS)
+    model = build_model(cfg, manifest["vocab_size"], manifest["bos_token_id"], manifest["eos_token_id"],
+                        manifest["pad_token_id"])
     torch.save(model.state_dict(), tmp_path / "state.pt")
-    data = split(N_SAMPLES + 2)
-    data.save_to_disk(tmp_path / "val")
-    expected = evaluate_model(model, data, cfg)
+    val = open_split(cfg.data.output_dir, "val")
+    assert len(val) > N_SAMPLES
+    expected = evaluate_model(model, val, cfg)
 
-    job = {"overrides": OVERRIDES, "token_ids": TOKEN_IDS, "state": str(tmp_path / "state.pt"),
-           "data": str(tmp_path / "val"), "out": str(tmp_path)}
+    job = {"overrides": overrides(tmp_path), "state": str(tmp_path / "state.pt"), "out": str(tmp_path)}
     (tmp_path / "job.json").write_text(json.dumps(job))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(Path(__file__).with_name("zero3_eval_rank.py")), str(tmp_path / "job.json")],
                           env={**os.environ, "DS_ACCELERATOR": "cpu"}, cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
-    results = [tmp_path / f"rank{r}.json" for r in range(2)]
-    assert all(p.is_file() for p in results), done.stderr[-4000:]
-    for path in results:
-        got = EvalResult.from_json(path)
-        assert got.n_samples == N_SAMPLES and len(got.history) == N_SEGMENTS
-        assert close(got, expected), (got.to_dict(), expected.to_dict())
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in range(2):
+        assert_close(EvalResult.from_json(tmp_path / f"rank{rank}.json"), expected, rel=1e-5)
+
+    train_dir = tmp_path / "train"
+    args = argparse.Namespace(checkpoint=str(train_dir), json=str(tmp_path / "eval.json"), config=None,
+                              overrides=[f"eval.baseline={train_dir}"])
+    assert run_eval(args) == 0
+    assert "baseline ppl" in capsys.readouterr().out
+    reported = EvalResult.from_json(tmp_path / "eval.json")
+    assert_close(reported, expected, rel=1e-5)
+    assert reported.baseline.segments == reported.segments and reported.baseline.history == reported.history
+    assert EvalResult.from_json(train_dir / "eval" / "step_00000001.json") == reported
+    assert (train_dir / "eval" / "step_00000001.png").is_file()

@@ -105,3 +105,12 @@ def test_eval_changes_only_eval_keys(tmp_path) -> None:
         eval_config_of_checkpoint(trained, None, ["train.lr=1"])
     with pytest.raises(UserError, match="did you mean"):
         eval_config_of_checkpoint(trained, None, ["eval.max_sample=1"])
+
+
+def test_history_does_not_matter_to_a_model_without_memory() -> None:
+    cfg = eval_config("memory.kind=none", "eval.history_target=true")
+    result = evaluate_model(tiny_model(cfg), as_dataset(split_rows()), cfg)
+    last = result.segments[-1]
+    for row in result.history:
+        assert (row.tokens, row.recall_tokens) == (last.tokens, last.recall_tokens)
+        assert row.nll_sum == pytest.approx(last.nll_sum, rel=1e-6)
