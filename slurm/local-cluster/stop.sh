@@ -30,7 +30,7 @@ stop_pidfile() {  # PIDFILE COMM-REGEX: TERM, wait up to 10 s, then KILL
 our_stepds() {  # slurmstepd processes started by this cluster's slurmd (they carry its SLURM_CONF)
     local pid
     for pid in $(pgrep -x slurmstepd 2>/dev/null); do
-        tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_CONF=$CONF" && echo "$pid"
+        { tr '\0' '\n' < "/proc/$pid/environ"; } 2>/dev/null | grep -qx "SLURM_CONF=$CONF" && echo "$pid"
     done
 }
 

@@ -27,17 +27,19 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 
 # tiny and fast: 2 CPU ranks, a few dozen steps, small synthetic books
 TINY_CONFIG = {
-    "data": {"source": "synthetic:24", "segment_len": 32, "n_segments": 2, "vocab_size": 300,
-             "samples_per_shard": 16, "synthetic": {"words_per_book": 800, "facts_per_book": 2,
-                                                    "min_recall_distance_segments": 1}},
+    "data": {"source": "synthetic:10", "segment_len": 32, "n_segments": 2, "vocab_size": 400,
+             "val_fraction": 0.2, "test_fraction": 0.1, "samples_per_shard": 32,
+             "synthetic": {"words_per_book": 500, "facts_per_book": 2, "min_recall_distance_segments": 1}},
     "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_positions": 128},
     "memory": {"kind": "rmt", "num_tokens": 2},
     "train": {"max_steps": 20, "save_every": 10, "micro_batch_size": 2, "warmup_steps": 2, "log_every": 1},
     "eval": {"max_samples": 4, "batch_size": 4},
     "slurm": {"nodes": 2, "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1, "time": "00:10:00",
               "prep_array_tasks": 2, "job_name": "memtrain-test",
-              # the test's own interpreter's environment; on CPU DeepSpeed needs DS_ACCELERATOR=cpu
-              "setup": [f"export PATH={Path(sys.executable).parent}:$PATH", "export DS_ACCELERATOR=cpu"]},
+              # memtrain from the test's own environment, appended so that the tools found first stay the
+              # ones every other process here sees (another `ninja` would rebuild DeepSpeed's shm op);
+              # on CPU DeepSpeed needs DS_ACCELERATOR=cpu
+              "setup": [f"export PATH=$PATH:{Path(sys.executable).parent}", "export DS_ACCELERATOR=cpu"]},
 }
 
 
