@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import N_SEGMENTS, SEGMENT_LEN, as_dataset, eval_config, split_rows, tiny_model
+from eval_support import N_SEGMENTS, SEGMENT_LEN, as_dataset, eval_config, split_rows, tiny_model
 
 from pipeline.errors import UserError
 from pipeline.evaluate import _rank_batches, eval_config as eval_config_of_checkpoint, evaluate_model
