@@ -14,6 +14,7 @@ then times, on the same texts and the same 2 cores:
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import random
 import shutil
@@ -31,13 +32,13 @@ def make_corpus(folder: Path, megabytes: int, book_kb: int = 512, seed: int = 0)
     rng = random.Random(seed)
     syllables = ["ka", "ro", "mi", "ten", "sa", "lo", "ve", "dra", "nu", "qui", "por", "el", "an", "ist", "ber", "u"]
     vocab = sorted({"".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(6000)})
-    weights = [1.0 / (rank + 1) for rank in range(len(vocab))]
+    cum_weights = list(itertools.accumulate(1.0 / (rank + 1) for rank in range(len(vocab))))
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(-(-megabytes * 1000 // book_kb)):
         sentences, size = [], 0
         while size < book_kb * 1000:
-            sentence = " ".join(rng.choices(vocab, weights, k=rng.randint(5, 25))).capitalize() + rng.choice(".,;!?.")
+            sentence = " ".join(rng.choices(vocab, cum_weights=cum_weights, k=rng.randint(5, 25))).capitalize() + rng.choice(".,;!?.")
             sentences.append(sentence + ("\n" if rng.random() < 0.15 else " "))
             size += len(sentences[-1])
         text = "".join(sentences)
