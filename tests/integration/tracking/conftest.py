@@ -32,7 +32,8 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 90.0) -> None:
+    def start(self, timeout_s: float = 300.0) -> None:
+        """Start it and wait for /health (~6 s on an idle 2-core machine; minutes when it is shared)."""
         log = (self.root / "server.log").open("a")
         # a session of its own, so kill() can end the server and the workers it forks by its PID
         self.proc = subprocess.Popen(

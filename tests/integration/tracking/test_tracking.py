@@ -21,7 +21,7 @@ SPOOL_JOB = Path(__file__).with_name("spool_job.py")
 
 
 def make_cfg(out: Path, uri: str | None, *extra: str) -> ExperimentConfig:
-    return load_config(None, [f"train.output_dir={out}", "tracking.experiment=tests", "tracking.flush_timeout_s=60",
+    return load_config(None, [f"train.output_dir={out}", "tracking.experiment=tests", "tracking.flush_timeout_s=180",
                               *([f"tracking.uri={uri}"] if uri else []), *extra])
 
 
