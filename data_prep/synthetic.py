@@ -8,10 +8,11 @@ Structure of one book (deterministic from ``data.synthetic.seed`` and the book's
 * Facts: "<name>'s <object> is in the <place>", e.g. "Mara put the key in the cellar." with 32
   names, 12 objects and 24 places. ``active_facts`` facts are in play at a time; each is mentioned
   again and again (with one of several phrasings, always cue first, place last) about
-  ``min_recall_distance_segments + 0.5`` to ``n_segments - 1`` segments apart (estimated at 1.3
-  tokens a word), the active facts' mentions interleaved, so that most samples hold a fact twice
-  far enough apart. After a few mentions a fact retires and a new one (another name) replaces it;
-  ``facts_per_book`` facts in all, a name is never reused within a book.
+  ``min_recall_distance_segments - 0.5`` to ``+ 0.9`` segments apart (spaced in words, at an
+  estimated 1.12 tokens a word, right for vocabularies of ~1000 and more; smaller ones stretch
+  the gaps), the active facts' mentions interleaved, so that most samples hold a fact twice far
+  enough apart (the demo: 95% of samples). After a few mentions a fact retires and a new one
+  (another name) replaces it; ``facts_per_book`` facts in all, a name is never reused in a book.
 * The value of a mention is the place word. Its tokens are recall tokens (``recall_mask`` = 1)
   when the same fact's previous mention lies in the same sample and at least
   ``min_recall_distance_segments`` segments earlier (segment of this value's first token minus the
@@ -22,6 +23,7 @@ Structure of one book (deterministic from ``data.synthetic.seed`` and the book's
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -53,7 +55,7 @@ _CLAUSES = ("while the dogs barked", "and the wind was cold", "as the bells rang
 _REMARKS = ("Nothing else happened that day.", "The village was quiet.", "Night came early.",
             "It was the end of summer.", "Somewhere a door closed.", "The bread was still warm.",
             "Few people passed that way.", "The weather did not change.")
-TOKENS_PER_WORD = 1.3  # estimate used only to space mentions
+TOKENS_PER_WORD = 1.12  # estimate used only to space mentions
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,11 @@ def generate_book(cfg, index: int, segment_len: int, n_segments: int) -> Synthet
     """Book ``index`` for ``cfg`` (a SyntheticConfig), spaced for samples of n_segments x segment_len."""
     rng = random.Random(f"memtrain-synthetic:{cfg.seed}:{index}")
     dist = cfg.min_recall_distance_segments
-    lo_tokens = (dist + 0.5) * segment_len
-    hi_tokens = max(n_segments - 1, dist + 1) * segment_len
+    lo_tokens = (dist - 0.5) * segment_len
+    hi_tokens = (dist + 0.9) * segment_len
     gap = lambda: int(rng.uniform(lo_tokens, hi_tokens) / TOKENS_PER_WORD)  # noqa: E731 (words)
     mean_gap = (lo_tokens + hi_tokens) / 2 / TOKENS_PER_WORD
-    mentions_per_fact = max(2, round(cfg.words_per_book * cfg.active_facts / (mean_gap * cfg.facts_per_book)))
+    mentions_per_fact = max(2, math.ceil(cfg.words_per_book * cfg.active_facts / (mean_gap * cfg.facts_per_book)))
 
     names = rng.sample(NAMES, len(NAMES))
     facts: list[tuple[str, str, str]] = []

@@ -63,8 +63,8 @@ def test_only_corrupt_gzip(config, tmp_path, capsys) -> None:
 
 def test_vocabulary_too_large_for_the_corpus(config, tmp_path, capsys) -> None:
     write_books(tmp_path / "books", 1, n_words=100)
-    code, line = run_prep(config(source=str(tmp_path / "books")), tmp_path, capsys)
-    assert code == 2 and "data.vocab_size=600 is more than this corpus supports" in line
+    code, line = run_prep(config(source=str(tmp_path / "books"), vocab_size=5000), tmp_path, capsys)
+    assert code == 2 and "data.vocab_size=5000 is more than this corpus supports" in line
 
 
 def test_books_shorter_than_one_sample(config, tmp_path, capsys, trained_tokenizer) -> None:
