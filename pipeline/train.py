@@ -207,8 +207,7 @@ class Trainer:
         self.step, self.tokens_seen, run_id, position = 0, 0, None, DataPosition()
         rng_states: list[dict[str, Any]] = []
         if self.resume is not None:
-            _, client = self.engine.load_checkpoint(str(self.resume.load_dir), tag=self.resume.tag_dir.name,
-                                                    load_lr_scheduler_states=False)
+            client = self._load_checkpoint(self.resume)
             self.step, self.tokens_seen = client["step"], client["tokens_seen"]
             position, run_id, rng_states = DataPosition(**client["data_position"]), client["mlflow_run_id"], client["rng"]
         self.batches = TrainBatches(open_train_split(cfg.data.output_dir), self.plan, dist_env.rank,
@@ -223,6 +222,23 @@ class Trainer:
         self.progress.info(f"ready in {time.perf_counter() - started:.1f} s: world size {dist_env.world_size}, "
                            f"global batch {self.plan.global_batch} = {self.plan.micro} x {self.plan.accum} x "
                            f"{self.plan.world}, ZeRO stage {zero_stage(self.ds_config)}, step {self.step}{resumed}")
+
+    def _load_checkpoint(self, resume: ResumePoint) -> dict[str, Any]:
+        """Weights, optimizer state and our client state. DeepSpeed 0.19.8's universal ZeRO-3 load
+        (a) copies the first param group's hyperparameters into every group, so the no-decay group
+        would decay: put this run's back; (b) gives every group's state the same ``step`` tensor,
+        which AdamW increments in place once per group: give each its own."""
+        groups = self.engine.optimizer.param_groups
+        hyper = [{key: value for key, value in group.items() if key != "params"} for group in groups]
+        _, client = self.engine.load_checkpoint(str(resume.load_dir), tag=resume.tag_dir.name,
+                                                load_lr_scheduler_states=False)
+        if resume.universal:
+            for group, values in zip(self.engine.optimizer.param_groups, hyper, strict=True):
+                group.update(values)
+            for state in self.engine.optimizer.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+        return client
 
     def _write_run_files(self) -> None:
         """config.yaml, ds_config.json, the tokenizer and the data manifest: the run dir is self-contained."""
