@@ -22,7 +22,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pipeline.config import ExperimentConfig, apply_overrides, build_config, load_config
 from pipeline.errors import UserError
@@ -292,9 +292,7 @@ def _device_of(model: "torch.nn.Module") -> "torch.device":
 
 def eval_config(checkpoint_cfg: ExperimentConfig, config_file: str | None, overrides: list[str]) -> ExperimentConfig:
     """The checkpoint's config with the eval section of ``config_file`` and ``--set eval.*`` applied."""
-    outside = [item for item in overrides if not item.strip().startswith("eval.")]
-    if outside:
-        raise UserError(f"memtrain eval only changes eval.* keys (the checkpoint fixes the rest); got {outside[0]!r}")
+    _require_eval_keys(overrides)
     tree = checkpoint_cfg.model_dump(mode="json")
     if config_file is not None:
         tree["eval"] = load_config(config_file).eval.model_dump(mode="json")
@@ -307,32 +305,49 @@ def run_eval(args: argparse.Namespace) -> int:
     from data_prep.shards import open_split
     from pipeline.report import save_eval
 
-    model, cfg, run_dir, step, manifest = _load_checkpoint(args.checkpoint)
-    cfg = eval_config(cfg, args.config, args.overrides)
-    data_manifest = read_manifest(cfg.data.output_dir)
-    if data_manifest.get("tokenizer_hash") != manifest.get("tokenizer_hash"):
-        raise UserError(f"the data in {cfg.data.output_dir} was tokenized differently from the checkpoint's data")
-    dataset = open_split(cfg.data.output_dir, cfg.eval.split)
-    result = evaluate_model(model, dataset, cfg)
-    if cfg.eval.baseline:
-        base_model, base_cfg, _, _, base_manifest = _load_checkpoint(cfg.eval.baseline)
-        if (base_cfg.data.segment_len, base_manifest.get("tokenizer_hash")) != (cfg.data.segment_len, manifest.get("tokenizer_hash")):
-            raise UserError(f"eval.baseline {cfg.eval.baseline} was trained on other segments or another tokenizer")
-        base_cfg = base_cfg.model_copy(update={"eval": cfg.eval})
-        result = replace(result, baseline=evaluate_model(base_model, dataset, base_cfg, len(result.segments)))
+    _require_eval_keys(args.overrides)  # before the (slow) checkpoint loads
+    run = _load_checkpoint(args.checkpoint)
+    cfg = eval_config(run.cfg, args.config, args.overrides)
+    baseline = _load_checkpoint(cfg.eval.baseline) if cfg.eval.baseline else None
+    others = {f"the data in {cfg.data.output_dir}": read_manifest(cfg.data.output_dir)}
+    if baseline:
+        others[f"eval.baseline {cfg.eval.baseline}"] = baseline.manifest
+    for what, other in others.items():
+        if not _same_tokens(other, run.manifest):
+            raise UserError(f"{what} has another tokenizer or segment length than the checkpoint {args.checkpoint}")
 
-    print(f"{run_dir} step {step}: {result.n_samples} {cfg.eval.split} samples, "
+    dataset = open_split(cfg.data.output_dir, cfg.eval.split)
+    result = evaluate_model(run.model, dataset, cfg)
+    if baseline:
+        base_cfg = baseline.cfg.model_copy(update={"eval": cfg.eval})
+        result = replace(result, baseline=evaluate_model(baseline.model, dataset, base_cfg, len(result.segments)))
+
+    print(f"{run.run_dir} step {run.step}: {result.n_samples} {cfg.eval.split} samples, "
           f"{len(result.segments)} segments of {result.segment_len} tokens, ppl {result.ppl:.3f}")
     print(result.format_table())
-    saved = save_eval(result, run_dir / "eval", f"step_{step:08d}")
+    saved = save_eval(result, run.run_dir / "eval", f"step_{run.step:08d}")
     if args.json:
         saved.insert(0, result.to_json(args.json))
     print("wrote " + ", ".join(str(p) for p in saved))
     return 0
 
 
-def _load_checkpoint(path: str) -> tuple["torch.nn.Module", ExperimentConfig, Path, int, dict[str, Any]]:
-    """(model, config, run dir, step, data manifest) of a checkpoint folder, on CPU in one process."""
+def _require_eval_keys(overrides: list[str]) -> None:
+    outside = [item for item in overrides if not item.strip().startswith("eval.")]
+    if outside:
+        raise UserError(f"memtrain eval only changes eval.* keys (the checkpoint fixes the rest); got {outside[0]!r}")
+
+
+class LoadedCheckpoint(NamedTuple):
+    model: "torch.nn.Module"
+    cfg: ExperimentConfig
+    run_dir: Path  # its train.output_dir
+    step: int
+    manifest: dict[str, Any]  # of the data it was trained on
+
+
+def _load_checkpoint(path: str) -> LoadedCheckpoint:
+    """A checkpoint folder's model (full weights, CPU, one process) and what describes it."""
     from pipeline.checkpoint import load_consolidated
     from pipeline.export import build_from_state_dict, read_json  # the export's checkpoint -> model helpers
 
@@ -341,6 +356,9 @@ def _load_checkpoint(path: str) -> tuple["torch.nn.Module", ExperimentConfig, Pa
     run_dir = tag_dir.parent.parent  # <train.output_dir>/checkpoints/<tag>
     manifest = read_json(run_dir / "data_manifest.json", "data manifest")
     step = int(read_json(tag_dir / "memtrain_state.json", "checkpoint state")["step"])
-    model = build_from_state_dict(cfg, manifest, state_dict)
-    return model, cfg, run_dir, step, manifest
+    return LoadedCheckpoint(build_from_state_dict(cfg, manifest, state_dict), cfg, run_dir, step, manifest)
 
+
+def _same_tokens(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two data manifests cut text into the same tokens and segments."""
+    return (a.get("tokenizer_hash"), a.get("segment_len")) == (b.get("tokenizer_hash"), b.get("segment_len"))

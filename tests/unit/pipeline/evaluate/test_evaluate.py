@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from eval_support import N_SEGMENTS, SEGMENT_LEN, as_dataset, eval_config, split_rows, tiny_model
 
 from pipeline.errors import UserError
-from pipeline.evaluate import _rank_batches, eval_config as eval_config_of_checkpoint, evaluate_model
+from pipeline.evaluate import _rank_batches, eval_config as eval_config_of_checkpoint, evaluate_model, run_eval
 
 
 def reference(model: torch.nn.Module, rows: dict, n_samples: int, first: int, last: int) -> torch.Tensor:
@@ -105,6 +106,9 @@ def test_eval_changes_only_eval_keys(tmp_path) -> None:
         eval_config_of_checkpoint(trained, None, ["train.lr=1"])
     with pytest.raises(UserError, match="did you mean"):
         eval_config_of_checkpoint(trained, None, ["eval.max_sample=1"])
+    with pytest.raises(UserError, match="only changes eval"):  # said before any checkpoint is looked at
+        run_eval(argparse.Namespace(checkpoint=str(tmp_path / "none"), json=None, config=None,
+                                    overrides=["eval.max_samples=2", "data.segment_len=4"]))
 
 
 def test_history_does_not_matter_to_a_model_without_memory() -> None:
