@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.samples import SPLITS
-from data_prep.tokenizer import write_json_atomically
+from data_prep.atomic import write_json
+from data_prep.clean import TOO_SHORT
 from pipeline.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -45,7 +46,7 @@ def part_path(data_dir: Path, shard_index: int, num_shards: int) -> Path:
 def write_part(data_dir: Path, shard_index: int, num_shards: int, records: list[dict[str, Any]]) -> None:
     path = part_path(data_dir, shard_index, num_shards)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(path, {"shard_index": shard_index, "num_shards": num_shards, "shards": records})
+    write_json(path, {"shard_index": shard_index, "num_shards": num_shards, "shards": records})
 
 
 def merge(data_dir: str | Path) -> dict[str, Any]:
@@ -75,7 +76,7 @@ def merge(data_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"no samples: all {used} usable books are shorter than one sample "
                         f"({plan['settings']['shape']['sample_len']} tokens); lower data.n_segments or "
                         f"data.segment_len, or set data.tail=pad")
-    write_json_atomically(data_dir / MANIFEST, manifest)
+    write_json(data_dir / MANIFEST, manifest)
     return manifest
 
 
@@ -86,7 +87,7 @@ def build_manifest(plan: dict[str, Any], records: list[dict[str, Any]]) -> dict[
     skipped = dict(plan["books"]["skipped"])
     too_short = sum(r["too_short"] for r in records)
     if too_short:
-        skipped["shorter than one sample"] = too_short
+        skipped[TOO_SHORT] = too_short
     return {
         "schema_version": SCHEMA_VERSION,
         "segment_len": shape["segment_len"], "n_segments": shape["n_segments"],

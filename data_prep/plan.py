@@ -17,7 +17,8 @@ from typing import Any, Iterable
 
 from data_prep.clean import DUPLICATE
 from data_prep.samples import SPLITS, split_of, split_score
-from data_prep.tokenizer import TokenizerInfo, folder_hash, write_json_atomically
+from data_prep.atomic import write_json
+from data_prep.tokenizer import TokenizerInfo, folder_hash
 from data_prep.work import PlannedBook
 from pipeline.errors import UserError
 
@@ -138,13 +139,13 @@ def _unit(plan: dict[str, Any], split: str, k: int, books: list[list[Any]]) -> d
 def write_plan(data_dir: Path, plan: dict[str, Any]) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / FAILED).unlink(missing_ok=True)
-    write_json_atomically(data_dir / PLAN, plan)
+    write_json(data_dir / PLAN, plan)
 
 
 def record_failure(data_dir: Path, message: str) -> None:
     """Tell waiting array tasks that task 0 failed (so they stop with the same line)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(data_dir / FAILED, {"error": message, "job": os.environ.get("SLURM_ARRAY_JOB_ID")})
+    write_json(data_dir / FAILED, {"error": message, "job": os.environ.get("SLURM_ARRAY_JOB_ID")})
 
 
 def clear_failure(data_dir: Path) -> None:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from data_prep.atomic import write_bytes, write_json
 from data_prep.samples import BookSamples
 from pipeline.errors import UserError
 
@@ -63,8 +62,8 @@ def write_shard(data_dir: Path, rel_path: str, payload: bytes, record: dict[str,
     record = {**record, "path": rel_path, "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
     path = data_dir / rel_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, payload)
-    _atomic_write(sidecar_path(path), (json.dumps(record, sort_keys=True) + "\n").encode())
+    write_bytes(path, payload)
+    write_json(sidecar_path(path), record)
     return record
 
 
@@ -118,16 +117,3 @@ def open_split(data_dir: str | Path, split: str, verify: bool = False):
         empty = arrow_schema(manifest["sample_len"]).empty_table()
         return datasets.Dataset(empty)
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -19,13 +19,13 @@ import io
 import json
 import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from data_prep.atomic import replace_dir
 from pipeline.errors import UserError
 
 SPM_FILE = "spm.model"
@@ -95,7 +95,7 @@ def train_sentencepiece(lines: Iterator[str], data, out_dir: Path) -> None:
             raise UserError(f"data.vocab_size={too_low[1]} is below the {too_low[2]} pieces the characters"
                             f"{' and byte fallback' if data.byte_fallback else ''} need; raise it") from None
         raise UserError(f"SentencePiece training failed: {str(err).splitlines()[-1]}") from None
-    _write_atomically(out_dir, lambda tmp: _save_spm_folder(model.getvalue(), tmp))
+    replace_dir(out_dir, lambda tmp: _save_spm_folder(model.getvalue(), tmp))
 
 
 def install_tokenizer(source: str, out_dir: Path) -> None:
@@ -106,10 +106,10 @@ def install_tokenizer(source: str, out_dir: Path) -> None:
         raise UserError(f"data.tokenizer {source} is not a folder")
     if (src / SPM_FILE).is_file():
         files = [p for p in src.iterdir() if p.is_file()]
-        _write_atomically(out_dir, lambda tmp: [shutil.copyfile(p, tmp / p.name) for p in files])
+        replace_dir(out_dir, lambda tmp: [shutil.copyfile(p, tmp / p.name) for p in files])
         return
     tokenizer = _load_hf(src)
-    _write_atomically(out_dir, lambda tmp: tokenizer.save_pretrained(str(tmp)))
+    replace_dir(out_dir, lambda tmp: tokenizer.save_pretrained(str(tmp)))
 
 
 def describe(folder: Path) -> TokenizerInfo:
@@ -268,23 +268,3 @@ def _load_hf(folder: Path):
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a tokenizer from {folder}: {str(err).splitlines()[0]}") from None
-
-
-def _write_atomically(out_dir: Path, fill) -> None:
-    """Fill a temporary sibling folder, then swap it in for ``out_dir``."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
-        fill(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def write_json_atomically(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
