@@ -195,3 +195,12 @@ def test_parquet_and_hf_streaming_sources(config, tmp_path) -> None:
     streams = book_streams(tmp_path / "pq")
     assert set(streams) == {r["url"] for r in rows}
     assert streams == book_streams(tmp_path / "hf")
+
+
+def test_a_split_without_books_opens_empty(config, trained_tokenizer) -> None:
+    cfg = config(source="synthetic:3", tokenizer=str(trained_tokenizer), val_fraction=0.0, test_fraction=0.0)
+    prepare(cfg)
+    manifest = read_manifest(cfg.data.output_dir)
+    assert manifest["counts"]["val"] == manifest["counts"]["test"] == 0 and manifest["counts"]["train"] > 0
+    empty = open_split(cfg.data.output_dir, "val")
+    assert len(empty) == 0 and empty.features == open_split(cfg.data.output_dir, "train").features
