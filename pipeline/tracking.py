@@ -110,10 +110,7 @@ class Tracker(NullTracker):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue one point per key at ``step``; a step at or below the key's last one is skipped."""
-        now = _now_ms()
-        self._enqueue(self._filter_new(
-            {"kind": "metric", "key": key, "value": float(value), "step": int(step), "timestamp": now}
-            for key, value in metrics.items()))
+        self._log_points((key, value, step) for key, value in metrics.items())
 
     def log_eval(self, result: "EvalResult", step: int, files: Sequence[Path] = ()) -> None:
         """``eval/ppl_seg_XX`` and ``eval/recall_ppl_seg_XX`` series and ``eval/ppl`` at the training step."""
@@ -123,10 +120,8 @@ class Tracker(NullTracker):
 
     def log_final_curve(self, result: "EvalResult", files: Sequence[Path] = ()) -> None:
         """Each curve as one metric with step = segment index (or history length): MLflow draws ppl vs segment."""
-        for key, values in final_curves(result).items():
-            for index, value in enumerate(values):
-                if not math.isnan(value):
-                    self.log_metrics({key: value}, index)
+        self._log_points((key, value, index) for key, values in final_curves(result).items()
+                         for index, value in enumerate(values) if not math.isnan(value))
         for path in files:
             self.log_artifact(path, "final")
 
@@ -192,6 +187,11 @@ class Tracker(NullTracker):
             self._client.log_dict(self.run_id, ds_config, "config/ds_config.json")
 
     # --- the queue ---
+
+    def _log_points(self, points: Iterable[tuple[str, float, int]]) -> None:
+        now = _now_ms()
+        self._enqueue(self._filter_new({"kind": "metric", "key": key, "value": float(value), "step": int(step),
+                                        "timestamp": now} for key, value, step in points))
 
     def _filter_new(self, records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         """Drop metric points at or below the last step queued for their key; keep the rest in order."""
