@@ -20,7 +20,7 @@ from export_support import TINY, TrainedRun, run_clean
 
 pytestmark = pytest.mark.slow
 
-CLEAN_LOAD = Path(__file__).with_name("clean_load.py")
+CLEAN_LOAD = Path(__file__).parents[2] / "support" / "clean_load.py"
 TEXT = "The captain kept the brass key in the kitchen of the old house."
 
 
