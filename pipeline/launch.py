@@ -135,13 +135,12 @@ def _int(environ: Mapping[str, str], key: str, default: int | None = None) -> in
 def run_local_ranks(nproc: int, argv: Sequence[str], on_cpu: bool) -> int:
     """``torchrun --standalone --nproc_per_node N -m pipeline.cli ARGV`` run in this process.
 
-    torchrun's own code path (parse_args, config_from_args, elastic_launch), so that the ranks'
+    torchrun's own code path (``torch.distributed.run.run``), so that the ranks'
     exit codes come back: when they all stop with EXIT_PREEMPTED that is this command's code too.
     SIGUSR2/SIGTERM sent to this process are forwarded to the ranks, which save and exit.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-    from torch.distributed.run import config_from_args, parse_args
+    from torch.distributed.run import parse_args, run
 
     if on_cpu:
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -149,10 +148,9 @@ def run_local_ranks(nproc: int, argv: Sequence[str], on_cpu: bool) -> int:
         "--standalone", f"--nproc_per_node={nproc}", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",
         "-m", "pipeline.cli", *argv,
     ])
-    config, cmd, cmd_args = config_from_args(torchrun_args)
     previous = {sig: signal.signal(sig, _forward_to_children) for sig in (signal.SIGUSR2, signal.SIGTERM)}
     try:
-        elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+        run(torchrun_args)
         return 0
     except ChildFailedError as err:
         codes = {failure.exitcode for failure in err.failures.values()}
