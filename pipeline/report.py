@@ -6,6 +6,7 @@ pyplot's global state or needs a display.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pipeline.evaluate import EvalResult, NllRow
@@ -21,6 +22,7 @@ def save_eval(result: EvalResult, folder: str | Path, stem: str) -> list[Path]:
 def plot_segments(result: EvalResult, path: str | Path) -> Path:
     """ppl and recall ppl against segment index (model and baseline), and the history+target curve."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     base = result.baseline
     panels: list[tuple[str, str, list[NllRow], list[NllRow] | None, str]] = [
@@ -34,11 +36,16 @@ def plot_segments(result: EvalResult, path: str | Path) -> Path:
 
     fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
     for ax, (title, xlabel, rows, base_rows, field) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        ax.plot(range(len(rows)), [getattr(r, field) for r in rows], marker="o", label="model")
+        curves = [("model", "o", "-", [getattr(r, field) for r in rows])]
         if base_rows:
-            ax.plot(range(len(base_rows)), [getattr(r, field) for r in base_rows], marker="s", linestyle="--",
-                    label="baseline")
-        ax.set(title=title, xlabel=xlabel, ylabel=field.replace("_", " "), yscale="log")
+            curves.append(("baseline", "s", "--", [getattr(r, field) for r in base_rows]))
+        for label, marker, linestyle, values in curves:
+            ax.plot(range(len(values)), values, marker=marker, linestyle=linestyle, label=label)
+        finite = [v for *_, values in curves for v in values if math.isfinite(v)]
+        wide = bool(finite) and max(finite) > 10 * min(finite)  # log scale only when it spans a decade
+        ax.set(title=title, xlabel=xlabel, ylabel=field.replace("_", " "), yscale="log" if wide else "linear",
+               xlim=(-0.5, len(rows) - 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(f"{result.split} split, {result.n_samples} samples, {result.segment_len}-token segments")
