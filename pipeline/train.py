@@ -62,15 +62,23 @@ def preflight(cfg: ExperimentConfig, world_size: int) -> Preflight:
 
     ds_config = resolve_ds_config(cfg, world_size)
     manifest = read_manifest(cfg.data.output_dir)
-    vocab_size = tokenizer_vocab_size(Path(cfg.data.output_dir) / "tokenizer")
+    vocab_size = tokenizer_vocab_size(Path(cfg.data.output_dir) / "tokenizer", manifest["vocab_size"])
     check_data(cfg, manifest, vocab_size)
     check_same_run(cfg, manifest)
     return Preflight(ds_config, manifest, vocab_size)
 
 
-def tokenizer_vocab_size(tokenizer_dir: Path) -> int:
+def tokenizer_vocab_size(tokenizer_dir: Path, expected: int) -> int:
+    """len(tokenizer), read from tokenizer.json in a fraction of a second; transformers' AutoTokenizer
+    (seconds to import) only confirms an unexpected answer or reads a folder without tokenizer.json."""
     if not tokenizer_dir.is_dir():
         raise UserError(f"tokenizer folder missing: {tokenizer_dir}")
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        size = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+        if size == expected:
+            return size
     from transformers import AutoTokenizer
 
     return len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
