@@ -7,12 +7,14 @@ Structure of one book (deterministic from ``data.synthetic.seed`` and the book's
   uses a name, an object or a place of the facts.
 * Facts: "<name>'s <object> is in the <place>", e.g. "Mara put the key in the cellar." with 32
   names, 12 objects and 24 places. ``active_facts`` facts are in play at a time; each is mentioned
-  again and again (with one of several phrasings, always cue first, place last) about
-  ``min_recall_distance_segments - 0.5`` to ``+ 0.9`` segments apart (spaced in words, at an
-  estimated 1.12 tokens a word, right for vocabularies of ~1000 and more; smaller ones stretch
-  the gaps), the active facts' mentions interleaved, so that most samples hold a fact twice far
-  enough apart (the demo: 95% of samples). After a few mentions a fact retires and a new one
-  (another name) replaces it; ``facts_per_book`` facts in all, a name is never reused in a book.
+  again and again (with one of several phrasings, always cue first, place last): 60% of the gaps
+  are ``min_recall_distance_segments - 0.5`` to ``+ 0.9`` segments (the scored recalls), 40% are
+  short (0.3 segments up to that minimum: unscored, they let memory be learnt over short
+  distances first). Gaps are spaced in words at an estimated 1.12 tokens a word (right for
+  vocabularies of ~1000 and more; smaller ones stretch them); the active facts' mentions
+  interleave, so that most samples hold a fact twice far enough apart. After a few mentions a
+  fact retires and a new one (another name) replaces it; ``facts_per_book`` facts in all, a name
+  is never reused in a book.
 * The value of a mention is the place word. Its tokens are recall tokens (``recall_mask`` = 1)
   when the same fact's previous mention lies in the same sample and at least
   ``min_recall_distance_segments`` segments earlier (segment of this value's first token minus the
@@ -56,6 +58,7 @@ _REMARKS = ("Nothing else happened that day.", "The village was quiet.", "Night 
             "It was the end of summer.", "Somewhere a door closed.", "The bread was still warm.",
             "Few people passed that way.", "The weather did not change.")
 TOKENS_PER_WORD = 1.12  # estimate used only to space mentions
+SHORT_GAP_SHARE = 0.4  # mentions that follow the previous one closely (0.3 segments to the minimum)
 
 
 @dataclass(frozen=True)
@@ -75,10 +78,15 @@ def generate_book(cfg, index: int, segment_len: int, n_segments: int) -> Synthet
     """Book ``index`` for ``cfg`` (a SyntheticConfig), spaced for samples of n_segments x segment_len."""
     rng = random.Random(f"memtrain-synthetic:{cfg.seed}:{index}")
     dist = cfg.min_recall_distance_segments
-    lo_tokens = (dist - 0.5) * segment_len
-    hi_tokens = (dist + 0.9) * segment_len
-    gap = lambda: int(rng.uniform(lo_tokens, hi_tokens) / TOKENS_PER_WORD)  # noqa: E731 (words)
-    mean_gap = (lo_tokens + hi_tokens) / 2 / TOKENS_PER_WORD
+    short = (0.3 * segment_len, max(dist - 0.5, 0.3) * segment_len)  # gaps in tokens
+    far = ((dist - 0.5) * segment_len, (dist + 0.9) * segment_len)
+
+    def gap() -> int:
+        """Words to the fact's next mention: near (a curriculum for memory) or far (scored)."""
+        lo, hi = short if rng.random() < SHORT_GAP_SHARE else far
+        return int(rng.uniform(lo, hi) / TOKENS_PER_WORD)
+
+    mean_gap = (SHORT_GAP_SHARE * sum(short) + (1 - SHORT_GAP_SHARE) * sum(far)) / 2 / TOKENS_PER_WORD
     mentions_per_fact = max(2, math.ceil(cfg.words_per_book * cfg.active_facts / (mean_gap * cfg.facts_per_book)))
 
     names = rng.sample(NAMES, len(NAMES))
