@@ -43,6 +43,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memtrain", description="Train memory-augmented decoders (RMT, ARMT) on long books with DeepSpeed.")
+    # the deepspeed launcher puts --local_rank=N before the subcommand; ranks are read from LOCAL_RANK/RANK
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prep = commands.add_parser(

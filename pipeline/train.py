@@ -275,25 +275,28 @@ class Trainer:
         from pipeline.data import segments_for_step
         from pipeline.optim import lr_at
 
-        cfg, plan = self.cfg, self.plan
+        cfg, plan, device = self.cfg, self.plan, self.engine.device
+        if self.step >= cfg.train.max_steps:
+            self.progress.info(f"already at train.max_steps={cfg.train.max_steps}: nothing to do")
         while self.step < cfg.train.max_steps:
             started = time.perf_counter()
             lr = lr_at(cfg.train, self.step)
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr
             counts = segments_for_step(cfg.train, self.step, cfg.data.n_segments, plan.accum)
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for micro in self.batches.next_step(counts):
-                loss = self.engine(input_ids=micro.input_ids, labels=micro.labels).loss
+                loss = self.engine(input_ids=micro.input_ids.to(device), labels=micro.labels.to(device)).loss
                 self.engine.backward(loss)  # one backward per micro-batch: all segments' losses are in it
                 self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-                loss_sum += loss.detach().double().cpu()
+                loss_sum += loss.detach().double()
             self.step += 1
             step_tokens = sum(counts) * cfg.data.segment_len * plan.micro * plan.world
             self.tokens_seen += step_tokens
             # one collective per step: the mean loss, and whether any rank was asked to stop
-            shared = torch.stack([loss_sum, torch.tensor(float(flag.raised), dtype=torch.float64)])
+            shared = torch.stack([loss_sum, torch.tensor(float(flag.raised), dtype=torch.float64, device=device)])
             self.dist.all_reduce(shared)
+            shared = shared.cpu()
             elapsed = time.perf_counter() - started
             metrics = {
                 "loss": float(shared[0]) / (plan.world * plan.accum),

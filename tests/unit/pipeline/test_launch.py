@@ -41,3 +41,10 @@ def test_inconsistent_rank_is_a_user_error() -> None:
         setup({"RANK": "4", "WORLD_SIZE": "2"})
     with pytest.raises(UserError, match="not an integer"):
         detect({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted() -> None:
+    from pipeline.cli import build_parser
+
+    args = build_parser().parse_args(["--local_rank=1", "train", "--config", "c.yaml"])
+    assert args.command == "train" and args.config == "c.yaml"
