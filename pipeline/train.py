@@ -171,15 +171,19 @@ def resume_point(ckpt_dir: Path, world_size: int, is_main: bool) -> ResumePoint 
 
 
 def train(cfg: ExperimentConfig) -> int:
-    dist_env = launch.setup()
-    checks = preflight(cfg, dist_env.world_size)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # thousands about all_gather_into_tensor
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
+    flag = PreemptionFlag()  # from the start: a signal during set-up stops the run after its first step
+    try:
+        dist_env = launch.setup()
+        checks = preflight(cfg, dist_env.world_size)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # thousands about all_gather_into_tensor
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
 
-    ds_logger.setLevel("WARNING")
-    deepspeed.init_distributed()
-    return Trainer(cfg, dist_env, checks).run()
+        ds_logger.setLevel("WARNING")
+        deepspeed.init_distributed()
+        return Trainer(cfg, dist_env, checks).run(flag)
+    finally:
+        flag.restore()
 
 
 class Trainer:
@@ -257,15 +261,13 @@ class Trainer:
         shutil.copytree(data_dir / "tokenizer", self.out / "tokenizer", dirs_exist_ok=True)
         shutil.copy2(data_dir / "manifest.json", self.out / "data_manifest.json")
 
-    def run(self) -> int:
-        flag = PreemptionFlag()
+    def run(self, flag: PreemptionFlag) -> int:
         status = "FAILED"
         try:
             code = self._loop(flag)
             status = "KILLED" if code == EXIT_PREEMPTED else "FINISHED"
             return code
         finally:
-            flag.restore()
             self.progress.close()
             self.tracker.finish(status)
 
