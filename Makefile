@@ -5,6 +5,9 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 export DS_ACCELERATOR ?= cpu
+# The venv first on PATH, as when it is activated: DeepSpeed compiles its CPU comm op with the
+# `ninja` found there, and a different ninja (e.g. /usr/bin/ninja) forces a rebuild of the cache.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo test test-fast bench clean
 
