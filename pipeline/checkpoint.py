@@ -18,9 +18,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.config import ExperimentConfig
+    from pipeline.models import MemoryModelForCausalLM
 
 STATE_FILE = "memtrain_state.json"
 LATEST_FILE = "latest"
@@ -139,6 +143,15 @@ def resolve_tag_dir(path: str | Path) -> Path:
     raise UserError(f"not a memtrain checkpoint: {path} (expected a train.output_dir or a step_XXXXXXXX dir)")
 
 
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path} (is the checkpoint complete?)") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{what} {path} is unreadable: {err}".splitlines()[0]) from None
+
+
 def load_consolidated(path: str | Path) -> tuple[dict[str, Any], Any, Path]:
     """(full fp32 state dict, the run's ExperimentConfig, tag dir) for eval and export."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -151,8 +164,52 @@ def load_consolidated(path: str | Path) -> tuple[dict[str, Any], Any, Path]:
     if not config_path.is_file():
         raise UserError(f"{config_path} is missing: {tag_dir} is not inside a memtrain train.output_dir")
     cfg = load_config(config_path)
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    try:
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except (OSError, RuntimeError, ValueError, EOFError) as err:  # a rank's shard missing or cut short
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot read the checkpoint {tag_dir} (damaged or half-written): {reason}") from None
     return state_dict, cfg, tag_dir
+
+
+class TrainedModel(NamedTuple):
+    """A checkpoint's model with full weights (CPU, one process) and what describes it."""
+
+    model: "MemoryModelForCausalLM"
+    cfg: "ExperimentConfig"
+    run_dir: Path  # its train.output_dir
+    tag_dir: Path
+    state: dict[str, Any]  # memtrain_state.json
+    manifest: dict[str, Any]  # of the data it was trained on
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def build_from_state_dict(cfg: "ExperimentConfig", manifest: dict[str, Any],
+                          state_dict: dict[str, Any]) -> "MemoryModelForCausalLM":
+    """The HF model of ``cfg`` holding exactly the checkpoint's weights (every key on both sides)."""
+    from pipeline.models import build_model
+
+    model = build_model(cfg, vocab_size=manifest["vocab_size"], bos_token_id=manifest["bos_token_id"],
+                        eos_token_id=manifest["eos_token_id"], pad_token_id=manifest["pad_token_id"])
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(
+            "the checkpoint's weights do not match the model its config.yaml builds: "
+            f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+    return model.eval()
+
+
+def load_trained_model(path: str | Path) -> TrainedModel:
+    """``train.output_dir`` (its latest checkpoint) or one tag dir -> the model eval and export work on."""
+    state_dict, cfg, tag_dir = load_consolidated(path)
+    run_dir = tag_dir.parent.parent  # <train.output_dir>/checkpoints/<tag>
+    state = read_json(tag_dir / STATE_FILE, "checkpoint state")
+    manifest = read_json(run_dir / "data_manifest.json", "data manifest")
+    return TrainedModel(build_from_state_dict(cfg, manifest, state_dict), cfg, run_dir, tag_dir, state, manifest)
 
 
 def gather_rng_states() -> list[dict[str, Any]]:

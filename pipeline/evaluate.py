@@ -22,7 +22,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ExperimentConfig, apply_overrides, build_config, load_config
 from pipeline.errors import UserError
@@ -303,12 +303,13 @@ def run_eval(args: argparse.Namespace) -> int:
     """``memtrain eval --checkpoint DIR [--json OUT]``: print the per-segment table, save it beside the run."""
     from data_prep.manifest import read_manifest
     from data_prep.shards import open_split
+    from pipeline.checkpoint import load_trained_model
     from pipeline.report import save_eval
 
     _require_eval_keys(args.overrides)  # before the (slow) checkpoint loads
-    run = _load_checkpoint(args.checkpoint)
+    run = load_trained_model(args.checkpoint)
     cfg = eval_config(run.cfg, args.config, args.overrides)
-    baseline = _load_checkpoint(cfg.eval.baseline) if cfg.eval.baseline else None
+    baseline = load_trained_model(cfg.eval.baseline) if cfg.eval.baseline else None
     others = {f"the data in {cfg.data.output_dir}": read_manifest(cfg.data.output_dir)}
     if baseline:
         others[f"eval.baseline {cfg.eval.baseline}"] = baseline.manifest
@@ -336,27 +337,6 @@ def _require_eval_keys(overrides: list[str]) -> None:
     outside = [item for item in overrides if not item.strip().startswith("eval.")]
     if outside:
         raise UserError(f"memtrain eval only changes eval.* keys (the checkpoint fixes the rest); got {outside[0]!r}")
-
-
-class LoadedCheckpoint(NamedTuple):
-    model: "torch.nn.Module"
-    cfg: ExperimentConfig
-    run_dir: Path  # its train.output_dir
-    step: int
-    manifest: dict[str, Any]  # of the data it was trained on
-
-
-def _load_checkpoint(path: str) -> LoadedCheckpoint:
-    """A checkpoint folder's model (full weights, CPU, one process) and what describes it."""
-    from pipeline.checkpoint import load_consolidated
-    from pipeline.export import build_from_state_dict, read_json  # the export's checkpoint -> model helpers
-
-    state_dict, cfg, tag_dir = load_consolidated(path)
-    tag_dir = Path(tag_dir)
-    run_dir = tag_dir.parent.parent  # <train.output_dir>/checkpoints/<tag>
-    manifest = read_json(run_dir / "data_manifest.json", "data manifest")
-    step = int(read_json(tag_dir / "memtrain_state.json", "checkpoint state")["step"])
-    return LoadedCheckpoint(build_from_state_dict(cfg, manifest, state_dict), cfg, run_dir, step, manifest)
 
 
 def _same_tokens(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -13,21 +13,19 @@ end, so ``--out`` is either the previous content or a complete export, never hal
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pipeline.config import ExperimentConfig
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
     from pipeline.model_card import CardEvaluation
-    from pipeline.models import MemoryModelForCausalLM
 
 CARD_TABLE = "per_segment_perplexity.json"
 CARD_PLOT = "per_segment_perplexity.png"
@@ -41,15 +39,6 @@ class Export:
     step: int
     cfg: ExperimentConfig
     mlflow_run_id: str | None
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{what} not found: {path} (is the checkpoint complete?)") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{what} {path} is unreadable: {err}".splitlines()[0]) from None
 
 
 def check_destination(out: Path, checkpoint: Path, force: bool) -> None:
@@ -90,23 +79,9 @@ def zero_stage(train_dir: Path) -> int | None:
     ds_config = train_dir / "ds_config.json"
     if not ds_config.is_file():
         return None
+    from pipeline.checkpoint import read_json
+
     return read_json(ds_config, "DeepSpeed config").get("zero_optimization", {}).get("stage")
-
-
-def build_from_state_dict(cfg: ExperimentConfig, manifest: dict[str, Any],
-                          state_dict: dict[str, Any]) -> "MemoryModelForCausalLM":
-    """The HF model of ``cfg`` holding exactly the checkpoint's weights (every key on both sides)."""
-    from pipeline.models import build_model
-
-    model = build_model(cfg, vocab_size=manifest["vocab_size"], bos_token_id=manifest["bos_token_id"],
-                        eos_token_id=manifest["eos_token_id"], pad_token_id=manifest["pad_token_id"])
-    result = model.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(
-            "the checkpoint's weights do not match the model its config.yaml builds: "
-            f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
-        )
-    return model.eval()
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None = None, force: bool = False,
@@ -115,27 +90,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
     import torch
     from transformers import GenerationConfig
 
-    from pipeline.checkpoint import load_consolidated
+    from pipeline.checkpoint import load_trained_model
     from pipeline.model_card import TrainingFacts, render_model_card
 
     out = Path(out).absolute()  # "." has no name to stage beside
     check_destination(out, Path(checkpoint), force)
-    try:
-        state_dict, cfg, tag_dir = load_consolidated(checkpoint)
-    except (OSError, RuntimeError, ValueError, EOFError) as err:  # a shard missing or cut short
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot read the checkpoint {checkpoint} (damaged or half-written): {reason}") from None
-    tag_dir = Path(tag_dir)
-    train_dir = tag_dir.parent.parent  # <output_dir>/checkpoints/<tag>
-    state = read_json(tag_dir / "memtrain_state.json", "checkpoint state")
-    manifest = read_json(train_dir / "data_manifest.json", "data manifest")
+    model, cfg, train_dir, _, state, manifest = load_trained_model(checkpoint)
     tokenizer_dir = train_dir / "tokenizer"
     if not tokenizer_dir.is_dir():
         raise UserError(f"tokenizer not found: {tokenizer_dir} (is the checkpoint folder complete?)")
     dtype = dtype or cfg.export.dtype
 
-    model = build_from_state_dict(cfg, manifest, state_dict)
-    del state_dict
     if dtype == "bf16":
         model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(
