@@ -113,25 +113,46 @@ class CurriculumStage(Section):
 
 
 class TrainConfig(Section):
+    """`memtrain train`: DeepSpeed, batch, optimizer, schedule, checkpoints."""
+
     output_dir: str = "runs/demo/train"
+    """Run folder: config, checkpoints/, eval/, logs/; rerunning on it resumes from the latest checkpoint."""
     ds_config: str = "ds_configs/zero3_cpu.json"
+    """DeepSpeed JSON (relative paths also resolve against the repository); batch fields and clipping are filled from here."""
     max_steps: int = Field(200, ge=1)
+    """Optimizer steps in all."""
     save_every: int = Field(100, ge=1)
+    """Checkpoint every N steps (and at the end, and on preemption)."""
     keep_last: int = Field(2, ge=1)
+    """How many checkpoints to keep."""
     micro_batch_size: int = Field(4, ge=1)
+    """Samples per rank per forward/backward (train_micro_batch_size_per_gpu)."""
     grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step (gradient_accumulation_steps); derived when global_batch_size is set."""
     global_batch_size: int | None = None
+    """Samples per optimizer step over all ranks (train_batch_size); fixed across world-size changes when set."""
     lr: float = Field(1e-3, gt=0)
+    """Peak learning rate (AdamW)."""
     min_lr: float = Field(1e-4, ge=0)
+    """Learning rate at the end of the cosine decay."""
     warmup_steps: int = Field(20, ge=0)
+    """Linear warmup steps before the cosine decay."""
     weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay (matrices only)."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
     grad_clip: float = Field(1.0, ge=0)
+    """Gradient clipping norm (gradient_clipping); 0 turns clipping off."""
     seed: int = 0
+    """Seed of initialisation, data order and truncation."""
     curriculum: list[CurriculumStage] = []
+    """n_segments schedule: [{from_step: 0, n_segments: 2}, {from_step: 1000, n_segments: 4}, ...]; empty: always data.n_segments."""
     random_truncation: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of batches cut to a random number of segments (same on every rank)."""
     log_every: int = Field(10, ge=1)
+    """Print and log metrics every N steps."""
     eval_every: int = Field(0, ge=0)
+    """Evaluate on eval.split every N steps (0: only at the end)."""
 
     @field_validator("curriculum")
     @classmethod
@@ -163,10 +184,13 @@ class TrackingConfig(Section):
     """MLflow tracking (rank 0)."""
 
     enabled: bool = True
+    """Log to MLflow at all."""
     uri: str | None = None
     """Tracking URI; unset: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
     experiment: str = "memtrain"
+    """MLflow experiment name."""
     run_name: str | None = None
+    """MLflow run name (default: MLflow's)."""
     connect_timeout_s: float = Field(5.0, gt=0)
     """How long the start of training waits for an HTTP tracking server before it is an error."""
     flush_timeout_s: float = Field(30.0, ge=0)
@@ -174,18 +198,32 @@ class TrackingConfig(Section):
 
 
 class SlurmConfig(Section):
+    """`memtrain submit`: the values rendered into slurm/*.sbatch."""
+
     nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(8, ge=0)  # 0: CPU-only nodes, tasks_per_node ranks each
-    tasks_per_node: int | None = Field(None, ge=1)  # None: one task per GPU (1 when gpus_per_node is 0)
+    """Nodes of the training job."""
+    gpus_per_node: int = Field(8, ge=0)
+    """GPUs per node, one rank each; 0: CPU-only nodes with tasks_per_node ranks each."""
+    tasks_per_node: int | None = Field(None, ge=1)
+    """Ranks per node; unset: one per GPU (1 when gpus_per_node is 0)."""
     cpus_per_task: int = Field(8, ge=1)
+    """CPU cores per rank (also its OMP_NUM_THREADS)."""
     partition: str | None = None
+    """SLURM partition (--partition)."""
     account: str | None = None
+    """SLURM account (--account)."""
     time: str = "24:00:00"
+    """Time limit of each job (--time)."""
     job_name: str = "memtrain"
+    """Job name; prep jobs get a -prep / -merge suffix."""
     signal_lead_s: int = Field(300, ge=10)
+    """SIGUSR2 this many seconds before the time limit: save, exit 85, requeue."""
     setup: list[str] = []
+    """Shell lines run before memtrain in every job (module load ..., source venv)."""
     prep_array_tasks: int = Field(4, ge=1)
+    """Array tasks of `memtrain submit --what prep|all` (memtrain prep --num-shards)."""
     log_dir: str = "slurm-logs"
+    """Folder of the jobs' output files."""
 
 
 class ExportConfig(Section):
@@ -206,6 +244,8 @@ class ExportConfig(Section):
 
 
 class ExperimentConfig(Section):
+    """One experiment: every section every subcommand reads."""
+
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     memory: MemoryConfig = MemoryConfig()
