@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
+from mlflow import MlflowClient
 import pytest
 from export_support import run_clean
 
@@ -53,8 +53,7 @@ def test_demo_produces_every_artifact(tmp_path: Path, repo_root: Path) -> None:
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in final_table
 
     # MLflow: two finished runs with per-segment series, the final curve and the plot
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    client = mlflow.MlflowClient()
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")  # not mlflow.set_tracking_uri: no global state
     found = client.search_runs([client.get_experiment_by_name("memtrain-demo").experiment_id])
     assert sorted(r.data.params["memory.kind"] for r in found) == ["none", "rmt"]
     for run in found:
