@@ -1,4 +1,4 @@
-"""Fixtures of the eval tests (helpers live in eval_support.py: conftest modules share one name)."""
+"""Fixtures of the pipeline unit tests."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention."""
+    """Tiny models on a 2-core machine: intra-op threads only add contention (up to 10x slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
