@@ -54,7 +54,7 @@ def _load_pretrained(path: str, vocab_size: int):
         raise UserError(f"model.pretrained has {decoder.config.vocab_size} token embeddings, the data needs {vocab_size}")
     weight = decoder.get_input_embeddings().weight
     with _gathered([weight]):
-        std = float(weight.float().std())
+        std = float(weight.detach().float().std())
     return decoder, std
 
 
@@ -67,15 +67,16 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, bos_token_id: int, eos_t
     decoder, init_std = None, None
     if cfg.model.pretrained:
         decoder, init_std = _load_pretrained(cfg.model.pretrained, vocab_size)
-        base = decoder.config
+        base, hidden = decoder.config.to_dict(), decoder.config.hidden_size  # a copy: leave the decoder's own be
     else:
         base = decoder_config(cfg.model, vocab_size, token_ids)
+        hidden = base.hidden_size
     memory = cfg.memory
     try:
         config = MemoryModelConfig(
             decoder_config=base, memory_kind=memory.kind, num_memory_tokens=memory.num_tokens,
             segment_len=cfg.data.segment_len, bptt_depth=memory.bptt_depth, armt_nu=memory.armt_nu,
-            armt_d_mem=memory.armt_d_mem or min(DEFAULT_ARMT_D_MEM, base.hidden_size), memory_init_std=init_std,
+            armt_d_mem=memory.armt_d_mem or min(DEFAULT_ARMT_D_MEM, hidden), memory_init_std=init_std,
             segment_checkpointing=cfg.model.segment_checkpointing, vocab_size=vocab_size, **token_ids)
     except ValueError as err:
         raise UserError(f"memory.kind={memory.kind}: {err}") from None

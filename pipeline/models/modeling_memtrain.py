@@ -51,7 +51,12 @@ class MemoryModelForCausalLM(PreTrainedModel):
 
     def __init__(self, config: MemoryModelConfig, decoder: PreTrainedModel | None = None):
         super().__init__(config)
-        self.decoder = decoder if decoder is not None else AutoModelForCausalLM.from_config(config.decoder_config)
+        if decoder is None:
+            decoder = AutoModelForCausalLM.from_config(config.decoder_config)
+        else:  # pretrained weights: keep post_init (and ZeRO-3's gathered init) from re-initialising them
+            for module in decoder.modules():
+                module._is_hf_initialized = True
+        self.decoder = decoder
         hidden = config.decoder_config.hidden_size
         init_std = config.memory_init_std or getattr(config.decoder_config, "initializer_range", 0.02)
         kind, m = config.memory_kind, config.num_memory_tokens
@@ -125,9 +130,12 @@ class MemoryModelForCausalLM(PreTrainedModel):
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, **unused) -> torch.LongTensor:
+                 pad_token_id: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
         """Read the prompt segment by segment (memory written after each full segment), then continue the
-        last (partial) segment with the current memory and a KV cache; no write tokens after the prompt."""
+        last (partial) segment with the current memory and a KV cache; no write tokens after the prompt.
+        Prompts are unpadded (an attention_mask, if given, must be all ones)."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("generate takes unpadded prompts of equal length (attention_mask must be all ones)")
         return generate_with_memory(self, input_ids, max_new_tokens, do_sample, temperature, top_k,
                                     self.config.eos_token_id if eos_token_id is None else eos_token_id,
                                     self.config.pad_token_id if pad_token_id is None else pad_token_id)

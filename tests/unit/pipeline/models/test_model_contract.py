@@ -88,3 +88,27 @@ def test_bad_inputs_and_configs_are_errors():
         tiny_model("full")(random_ids(1, 9))
     with pytest.raises(UserError, match="not divisible"):
         build_model(tiny_config("rmt", "gpt2", "model.num_heads=3"), VOCAB, 1, 2, 0)
+
+
+def test_a_pretrained_decoder_keeps_its_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models import decoder_config
+
+    torch.manual_seed(1)
+    token_ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    base = AutoModelForCausalLM.from_config(decoder_config(tiny_config("rmt", "llama").model, VOCAB, token_ids)).eval()
+    base.save_pretrained(tmp_path)
+    cfg = tiny_config("rmt", "gpt2", f"model.pretrained={tmp_path}")  # arch and sizes come from the folder
+    torch.manual_seed(2)
+    model = build_model(cfg, VOCAB, **token_ids).eval()
+    assert model.config.decoder_config.model_type == "llama"
+    assert model.decoder.config._attn_implementation == "sdpa"
+    assert model.config.memory_init_std == pytest.approx(float(base.get_input_embeddings().weight.detach().std()), rel=1e-4)
+    ids = random_ids(2, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.decoder(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=1e-6)
+    with pytest.raises(UserError, match="token embeddings"):
+        build_model(cfg, VOCAB + 1, **token_ids)
+    with pytest.raises(UserError, match="not a Hugging Face model folder"):
+        build_model(tiny_config("rmt", "gpt2", f"model.pretrained={tmp_path / 'missing'}"), VOCAB, **token_ids)

@@ -52,9 +52,10 @@ def test_checkpointing_gives_the_same_loss_and_gradients(kind, depth):
     assert len(reference) == len(list(model.parameters()))
     model.config.segment_checkpointing = True
     variants = [grads_of(model, ids)]
-    model.config.segment_checkpointing = False
-    model.activation_checkpointing_enable()
-    variants.append(grads_of(model, ids))
+    layered = tiny_model(kind, "gpt2", f"memory.bptt_depth={depth}", "model.layer_checkpointing=true").train()
+    assert all(layer.gradient_checkpointing for layer in layered.decoder.base_model.modules()
+               if hasattr(layer, "gradient_checkpointing") and layer is not layered.decoder.base_model)
+    variants.append(grads_of(layered, ids))
     for loss, grads in variants:
         torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-6)
         for name, grad in reference.items():
