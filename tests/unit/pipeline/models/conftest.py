@@ -1,56 +1,10 @@
-"""Tiny memory models for the model tests (CPU, fp32, a few thousand parameters)."""
-
-from __future__ import annotations
+"""Fixtures of the model tests; the tiny models themselves are in tests/support/model_support.py."""
 
 import pytest
 import torch
-
-from pipeline.config import ExperimentConfig, load_config
-from pipeline.models import MemoryModelForCausalLM, build_model
-
-VOCAB = 61
-BOS, EOS, PAD = 1, 2, 0
-SEGMENT_LEN = 8
-
-
-def tiny_config(kind: str = "rmt", arch: str = "gpt2", *overrides: str) -> ExperimentConfig:
-    return load_config(None, [
-        f"memory.kind={kind}", f"model.arch={arch}", f"data.segment_len={SEGMENT_LEN}", "data.n_segments=4",
-        "memory.num_tokens=3", "model.hidden_size=32", "model.num_heads=2", "model.num_layers=2",
-        "model.intermediate_size=64", "model.max_positions=64", "model.segment_checkpointing=false",
-        "memory.armt_d_mem=8", "memory.armt_nu=2", *overrides,
-    ])
-
-
-def tiny_model(kind: str = "rmt", arch: str = "gpt2", *overrides: str, seed: int = 0) -> MemoryModelForCausalLM:
-    torch.manual_seed(seed)
-    model = build_model(tiny_config(kind, arch, *overrides), VOCAB, BOS, EOS, PAD)
-    randomize_memory_weights(model)
-    return model.eval()
-
-
-def randomize_memory_weights(model: MemoryModelForCausalLM) -> None:
-    """ARMT writes through a zero-initialised value projection (as published); tests need it non-zero."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("write_value"):
-                param.normal_(0.0, 0.2)
-
-
-def random_ids(batch: int, n_segments: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, n_segments * SEGMENT_LEN), generator=generator)
+from model_support import random_ids
 
 
 @pytest.fixture
 def ids() -> torch.Tensor:
     return random_ids(2, 4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

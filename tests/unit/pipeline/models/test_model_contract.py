@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SEGMENT_LEN, VOCAB, random_ids, tiny_config, tiny_model
+from model_support import SEGMENT_LEN, VOCAB, random_ids, tiny_config, tiny_model
 
 from pipeline.errors import UserError
 from pipeline.models import build_model

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
+from model_support import random_ids, tiny_model
 
 CHILD = textwrap.dedent("""
     import importlib.abc, json, sys

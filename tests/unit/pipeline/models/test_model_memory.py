@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SEGMENT_LEN, random_ids, tiny_model
+from model_support import SEGMENT_LEN, random_ids, tiny_model
 
 from pipeline.models.associative import AssociativeLayer
 
