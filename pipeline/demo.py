@@ -20,6 +20,7 @@ from pipeline.cli import config_from_args
 from pipeline.config import ExperimentConfig
 from pipeline.errors import UserError
 from pipeline.evaluate import EvalResult
+from pipeline.tracking import connect
 
 DEMO_RANKS = 2
 
@@ -40,6 +41,7 @@ def _config_args(args: argparse.Namespace, *extra: str) -> list[str]:
 
 def generate_from_export(export_dir: Path, cfg: ExperimentConfig) -> str:
     """Load the export with plain transformers and continue a validation prompt longer than one segment."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data_prep.shards import open_split
@@ -48,8 +50,6 @@ def generate_from_export(export_dir: Path, cfg: ExperimentConfig) -> str:
     model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True).eval()
     prompt_len = cfg.data.segment_len * 2 + cfg.data.segment_len // 2
     prompt = open_split(cfg.data.output_dir, "val")[0]["input_ids"][:prompt_len]
-    import torch
-
     output = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
     return tokenizer.decode(output[0, prompt_len:].tolist())
 
@@ -79,7 +79,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     plots = sorted((Path(cfg.train.output_dir) / "eval").glob("*.png"))
     result = EvalResult.from_json(eval_json)
-    tracking = cfg.tracking.uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    _, tracking = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)  # the store the runs logged to
     print(f"\nDemo finished in {time.monotonic() - started:.0f} s. Per-segment perplexity on {result.n_samples} "
           f"validation samples ({cfg.memory.kind} vs the no-memory baseline):")
     print(result.format_table())
