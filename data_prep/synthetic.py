@@ -4,23 +4,28 @@ Structure of one book (deterministic from ``data.synthetic.seed`` and the book's
 
 * Filler: sentences from a few templates over word lists ("the old miller walked slowly along
   the river while the dogs barked."), grouped into paragraphs separated by ``\\n``. Filler never
-  uses a name, an object or a place of the facts.
+  uses a name or an object of the facts, nor a place other than the current scene's (below).
 * Facts: "<name>'s <object> is in the <place>", e.g. "Mara put the key in the cellar." with 32
-  names, 12 objects and 24 places. ``active_facts`` facts are in play at a time; each is mentioned
-  again and again (with one of several phrasings, always cue first, place last): 60% of the gaps
-  are ``min_recall_distance_segments - 0.5`` to ``+ 0.9`` segments (the scored recalls), 40% are
-  short (0.3 segments up to that minimum: unscored, they let memory be learnt over short
-  distances first). Gaps are spaced in words at an estimated 1.12 tokens a word (right for
-  vocabularies of ~1000 and more; smaller ones stretch them); the active facts' mentions
-  interleave, so that most samples hold a fact twice far enough apart. After a few mentions a
-  fact retires and a new one (another name) replaces it; ``facts_per_book`` facts in all, a name
-  is never reused in a book.
-* The value of a mention is the place word. Its tokens are recall tokens (``recall_mask`` = 1)
-  when the same fact's previous mention lies in the same sample and at least
-  ``min_recall_distance_segments`` segments earlier (segment of this value's first token minus the
-  segment of the previous value's last token). Memory resets per sample, so only then is the
-  value known to a model with memory and unknowable (1 of 24) to one without: no other mention
-  of it is in the current segment, and the cue names the fact unambiguously.
+  names, 12 objects and ``places`` (at most 24) places. ``active_facts`` facts are in play at a
+  time; each is mentioned again and again (with one of several phrasings, always cue first, place
+  last): 60% of the gaps are ``min_recall_distance_segments - 0.5`` to ``+ 0.9`` segments (the
+  scored recalls), 40% are short (0.3 segments up to that minimum: unscored, they let memory be
+  learnt over short distances first). Gaps are spaced in words at an estimated 1.12 tokens a word
+  (right for vocabularies of ~1000 and more; smaller ones stretch them); the active facts'
+  mentions interleave, so that most samples hold a fact twice far enough apart. After a few
+  mentions a fact retires and a new one (another name) replaces it; ``facts_per_book`` facts in
+  all, a name is never reused in a book.
+* Scene: the place of the fact mentioned last. A ``scene_share`` of the filler sentences happen
+  there ("the baker waited near the barn"), so the place recurs between mentions and is the
+  kind of thing a reader of a real book carries from page to page.
+* Every occurrence of a place (in a mention or a scene sentence) is attributed to its fact. Its
+  tokens are recall tokens (``recall_mask`` = 1) when the same fact's previous occurrence lies in
+  the same sample and at least ``min_recall_distance_segments`` segments earlier (segment of the
+  position that predicts this place's first token minus the segment of the previous place's last
+  token: evaluation counts a target in the segment that predicts it). Memory resets per
+  sample, so only then is the place known to a model with memory and unknowable (1 of
+  ``places``) to one without: no other occurrence of it is in the current segment, and the cue
+  (a name and object, or "near the" for the scene of the fact mentioned last) is unambiguous.
 """
 
 from __future__ import annotations
@@ -90,13 +95,14 @@ def generate_book(cfg, index: int, segment_len: int, n_segments: int) -> Synthet
     mentions_per_fact = max(2, math.ceil(cfg.words_per_book * cfg.active_facts / (mean_gap * cfg.facts_per_book)))
 
     names = rng.sample(NAMES, len(NAMES))
+    places = PLACES[:cfg.places]
     facts: list[tuple[str, str, str]] = []
     active: list[list[int]] = []  # [fact index, next mention at word, mentions left]
 
     def new_fact(at_word: int) -> None:
         if len(facts) >= min(cfg.facts_per_book, len(names)):
             return
-        facts.append((names[len(facts)], rng.choice(OBJECTS), rng.choice(PLACES)))
+        facts.append((names[len(facts)], rng.choice(OBJECTS), rng.choice(places)))
         active.append([len(facts) - 1, at_word, mentions_per_fact])
 
     for k in range(cfg.active_facts):
@@ -105,6 +111,7 @@ def generate_book(cfg, index: int, segment_len: int, n_segments: int) -> Synthet
     parts: list[str] = []
     mentions: list[Mention] = []
     length = words = 0
+    scene: int | None = None  # the fact mentioned last
     sentences_left = rng.randint(3, 8)
     while words < cfg.words_per_book:
         due = min(active, key=lambda a: a[1]) if active else None
@@ -112,16 +119,22 @@ def generate_book(cfg, index: int, segment_len: int, n_segments: int) -> Synthet
             fact, place = due[0], facts[due[0]][2]
             name, obj, _ = facts[fact]
             cue = rng.choice(MENTIONS).format(n=name, o=obj)
-            sentence = f"{cue} {place}."
-            start = length + (1 if parts and not parts[-1].endswith("\n") else 0) + len(cue) + 1
-            mentions.append(Mention(fact, start, start + len(place)))
+            sentence, place_at = f"{cue} {place}.", len(cue) + 1
+            scene = fact
             due[1], due[2] = words + gap(), due[2] - 1
             if due[2] == 0:
                 active.remove(due)
                 new_fact(words + rng.randint(20, 60))
+        elif cfg.scene_share and scene is not None and rng.random() < cfg.scene_share:
+            fact, place = scene, facts[scene][2]
+            sentence = _filler_sentence(rng, place)
+            place_at = sentence.index(f" near the {place}") + len(" near the ")
         else:
-            sentence = _filler_sentence(rng)
+            sentence, place_at = _filler_sentence(rng), None
         piece = sentence if not parts or parts[-1].endswith("\n") else " " + sentence
+        if place_at is not None:
+            start = length + len(piece) - len(sentence) + place_at
+            mentions.append(Mention(fact, start, start + len(facts[fact][2])))
         sentences_left -= 1
         if sentences_left == 0:
             piece += "\n"
@@ -132,11 +145,13 @@ def generate_book(cfg, index: int, segment_len: int, n_segments: int) -> Synthet
     return SyntheticBook("".join(parts).rstrip("\n"), tuple(mentions))
 
 
-def _filler_sentence(rng: random.Random) -> str:
+def _filler_sentence(rng: random.Random, place: str | None = None) -> str:
+    """A filler sentence; with ``place``, one that happens "near the <place>" (never a bare remark)."""
     kind = rng.random()
-    if kind < 0.1:
+    if kind < 0.1 and place is None:
         return rng.choice(_REMARKS)
-    sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_ADVERBS)} {rng.choice(_WHERE)}"
+    sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_ADVERBS)} "
+    sentence += f"near the {place}" if place else rng.choice(_WHERE)
     if kind < 0.55:
         sentence += f" {rng.choice(_CLAUSES)}"
     return sentence[0].upper() + sentence[1:] + "."
@@ -155,9 +170,10 @@ def recall_mask(book: SyntheticBook, starts: np.ndarray, ends: np.ndarray, offse
         last[m.fact] = (first, stop)
         if prev is None or stop <= first:
             continue
+        reader = first - 1  # the position whose prediction is the place's first token
         sample = first // sample_len
-        if prev[0] // sample_len != sample or (stop - 1) // sample_len != sample:
+        if prev[0] // sample_len != sample or (stop - 1) // sample_len != sample or reader // sample_len != sample:
             continue  # memory resets per sample: the previous mention must lie in this one
-        if first // segment_len - (prev[1] - 1) // segment_len >= min_distance:
+        if reader // segment_len - (prev[1] - 1) // segment_len >= min_distance:
             mask[first:stop] = 1
     return mask

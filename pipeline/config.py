@@ -34,6 +34,12 @@ class SyntheticConfig(Section):
     segments earlier in the same sample."""
     active_facts: int = Field(2, ge=1)
     """Facts in play at the same time; their mentions interleave so most samples hold a recall."""
+    places: int = Field(24, ge=2, le=24)
+    """Distinct places a fact can name: a model without memory guesses a recall at 1 in this many."""
+    scene_share: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of filler sentences set at the place of the fact mentioned last ("Mara waited near the
+    barn"): the story's current scene, repeated between mentions. Every occurrence of a place is a
+    recall candidate, so a nonzero share gives memory a strong, frequent signal to learn from."""
 
 
 class DataConfig(Section):
