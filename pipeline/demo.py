@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline.cli import config_from_args
 from pipeline.config import ExperimentConfig
 from pipeline.errors import UserError
-from pipeline.evaluate import EvalResult
+from pipeline.evaluate import EvalResult, NllRow
 from pipeline.tracking import connect
 
 DEMO_RANKS = 2
@@ -54,6 +54,16 @@ def generate_from_export(export_dir: Path, cfg: ExperimentConfig) -> str:
     return tokenizer.decode(output[0, prompt_len:].tolist())
 
 
+def memory_effect(result: EvalResult) -> str:
+    """Segments 1.. (where memory has something to carry), with memory and without: one line."""
+    if result.baseline is None or len(result.segments) < 2:
+        return "(no baseline or a single segment: nothing to compare)"
+    memory, baseline = NllRow.combine(result.segments[1:]), NllRow.combine(result.baseline.segments[1:])
+    return (f"Segments 1-{len(result.segments) - 1}, recall tokens (places only memory can know): ppl "
+            f"{memory.recall_ppl:.2f} with memory vs {baseline.recall_ppl:.2f} without; all tokens: "
+            f"{memory.ppl:.3f} vs {baseline.ppl:.3f}")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if not cfg.eval.baseline:
@@ -83,6 +93,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"\nDemo finished in {time.monotonic() - started:.0f} s. Per-segment perplexity on {result.n_samples} "
           f"validation samples ({cfg.memory.kind} vs the no-memory baseline):")
     print(result.format_table())
+    print(memory_effect(result))
     print(f"Per-segment plot: {plots[-1] if plots else '(none written)'}")
     print(f"Exported model:   {export_dir}")
     print(f"Open the runs:    mlflow ui --backend-store-uri {tracking} --port 5000")

@@ -70,6 +70,12 @@ class NllRow:
     def from_dict(cls, row: dict[str, Any]) -> "NllRow":
         return cls(float(row["nll_sum"]), int(row["tokens"]), float(row["recall_nll_sum"]), int(row["recall_tokens"]))
 
+    @classmethod
+    def combine(cls, rows: list["NllRow"]) -> "NllRow":
+        """The sums over several groups (exact: sums of sums, never an average of perplexities)."""
+        return cls(sum(r.nll_sum for r in rows), sum(r.tokens for r in rows),
+                   sum(r.recall_nll_sum for r in rows), sum(r.recall_tokens for r in rows))
+
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -84,8 +90,7 @@ class EvalResult:
 
     @property
     def total(self) -> NllRow:
-        return NllRow(sum(r.nll_sum for r in self.segments), sum(r.tokens for r in self.segments),
-                      sum(r.recall_nll_sum for r in self.segments), sum(r.recall_tokens for r in self.segments))
+        return NllRow.combine(self.segments)
 
     @property
     def ppl(self) -> float:

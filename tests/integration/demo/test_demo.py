@@ -12,6 +12,7 @@ import pytest
 from export_support import run_clean
 
 from data_prep.manifest import read_manifest
+from pipeline.demo import memory_effect
 from pipeline.evaluate import EvalResult
 
 CLEAN_LOAD = Path(__file__).parents[2] / "support" / "clean_load.py"
@@ -47,6 +48,7 @@ def test_demo_produces_every_artifact(tmp_path: Path, repo_root: Path) -> None:
     assert result.baseline is not None and len(result.segments) == 4 == len(result.baseline.segments)
     final_table = out.split("Demo finished")[1]
     assert result.format_table() in final_table
+    assert memory_effect(result) in final_table and "ppl" in memory_effect(result)
     plot = runs / "train" / "eval" / "step_00000004.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(plot.relative_to(tmp_path)) in final_table
     db = tmp_path / "mlflow.db"
