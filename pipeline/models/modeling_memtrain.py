@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .associative import AssociativeLayer
@@ -42,7 +42,10 @@ def decoder_layers(decoder: PreTrainedModel) -> nn.ModuleList:
     raise ValueError(f"cannot find the {n_layers} decoder layers of {type(decoder).__name__}")
 
 
-class MemoryModelForCausalLM(PreTrainedModel):
+class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """A decoder with segment-level memory. ``generate`` is its own (memory needs segment-wise reading);
+    GenerationMixin is inherited so transformers gives it a ``generation_config`` and loads the saved one."""
+
     config_class = MemoryModelConfig
     base_model_prefix = "decoder"
     main_input_name = "input_ids"
@@ -128,17 +131,29 @@ class MemoryModelForCausalLM(PreTrainedModel):
                                  token_nll=stats.token_nll)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.LongTensor, max_new_tokens: int = 20, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
+    def generate(self, input_ids: torch.LongTensor, max_new_tokens: int | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
         """Read the prompt segment by segment (memory written after each full segment), then continue the
         last (partial) segment with the current memory and a KV cache; no write tokens after the prompt.
-        Prompts are unpadded (an attention_mask, if given, must be all ones)."""
+        Prompts are unpadded (an attention_mask, if given, must be all ones). An argument left out comes
+        from ``self.generation_config`` (as in transformers; the export writes one), then from the model
+        config; ``max_new_tokens`` falls back to 20."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("generate takes unpadded prompts of equal length (attention_mask must be all ones)")
-        return generate_with_memory(self, input_ids, max_new_tokens, do_sample, temperature, top_k,
-                                    self.config.eos_token_id if eos_token_id is None else eos_token_id,
-                                    self.config.pad_token_id if pad_token_id is None else pad_token_id)
+
+        def setting(value, name: str, fallback):
+            if value is not None:
+                return value
+            configured = getattr(self.generation_config, name, None) if self.generation_config is not None else None
+            return fallback if configured is None else configured
+
+        return generate_with_memory(self, input_ids, setting(max_new_tokens, "max_new_tokens", 20),
+                                    setting(do_sample, "do_sample", False), setting(temperature, "temperature", 1.0),
+                                    setting(top_k, "top_k", None),
+                                    setting(eos_token_id, "eos_token_id", self.config.eos_token_id),
+                                    setting(pad_token_id, "pad_token_id", self.config.pad_token_id))
 
 
 MemoryModelConfig.register_for_auto_class()

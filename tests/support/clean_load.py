@@ -53,6 +53,7 @@ def score(export_dir: str) -> dict:
         "segment_tokens": tokens.tolist(),
         "prompt": prompt[0].tolist(),
         "generated": generated[0].tolist(),
+        "default_max_new_tokens": model.generation_config.max_new_tokens,  # from generation_config.json
         "vocab_size": model.config.vocab_size,
         "tokenizer_len": len(tokenizer),
         "text_ids": tokenizer(text)["input_ids"],

@@ -14,6 +14,7 @@ from huggingface_hub import HfApi, ModelCard
 from safetensors import safe_open
 
 from pipeline.cli import main
+from pipeline.config import ExperimentConfig
 from pipeline.evaluate import EvalResult
 
 from export_support import TINY, TrainedRun, run_clean
@@ -76,6 +77,7 @@ def test_generate_reads_a_prompt_longer_than_one_segment(exports: Exports) -> No
         assert len(prompt) > segment_len
         assert generated[:len(prompt)] == prompt and len(prompt) < len(generated) <= len(prompt) + 6
         assert all(0 <= t < scored["vocab_size"] for t in generated)
+        assert scored["default_max_new_tokens"] == ExperimentConfig().export.max_new_tokens  # generate()'s default
 
 
 def test_tokenizer_is_the_training_tokenizer(exports: Exports, trained_run: TrainedRun) -> None:

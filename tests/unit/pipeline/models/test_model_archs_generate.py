@@ -59,6 +59,19 @@ def test_generation_stops_at_eos_and_pads():
         assert bool((stopped[row, cut:] == 0).all())
 
 
+def test_generation_defaults_come_from_the_generation_config():
+    model = tiny_model("rmt")
+    prompt = random_ids(1, 2, seed=7)[:, :12]
+    assert model.generate(prompt).shape[1] == 12 + 20  # nothing configured: 20 new tokens
+    model.generation_config.max_new_tokens = 3
+    model.generation_config.eos_token_id = None
+    assert model.generate(prompt).shape[1] == 12 + 3
+    assert model.generate(prompt, max_new_tokens=5).shape[1] == 12 + 5  # an argument wins
+    greedy = model.generate(prompt)
+    model.generation_config.do_sample, model.generation_config.top_k = True, 1  # sampling from the top 1 = greedy
+    assert torch.equal(model.generate(prompt), greedy)
+
+
 def test_generation_refuses_to_run_past_the_positions():
     model = tiny_model("rmt")  # 64 positions, 3 read memory tokens
     with pytest.raises(ValueError, match="lower max_new_tokens"):
