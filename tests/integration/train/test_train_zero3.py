@@ -60,7 +60,7 @@ def test_each_rank_holds_half_of_every_parameter(reference_run: Run) -> None:
 
 def test_first_steps_equal_plain_pytorch_with_the_same_global_batch(reference_run: Run, tracking_uri: str) -> None:
     steps = 4
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tests/integration/train/plain_reference.py"),
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tests/support/plain_training.py"),
                            str(reference_run.config), str(steps)], cwd=REPO_ROOT, env=env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
