@@ -146,7 +146,7 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
         def setting(value, name: str, fallback):
             if value is not None:
                 return value
-            configured = getattr(self.generation_config, name, None) if self.generation_config is not None else None
+            configured = getattr(self.generation_config, name, None)  # also when it was set to None
             return fallback if configured is None else configured
 
         return generate_with_memory(self, input_ids, setting(max_new_tokens, "max_new_tokens", 20),
