@@ -12,7 +12,7 @@ from pipeline.config import ExperimentConfig, ModelConfig
 from pipeline.errors import UserError
 
 from .configuration_memtrain import MemoryModelConfig
-from .modeling_memtrain import MemoryModelForCausalLM
+from .modeling_memtrain import MemoryModelForCausalLM, memory_kind
 
 DEFAULT_ARMT_D_MEM = 64
 
@@ -78,11 +78,9 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, bos_token_id: int, eos_t
             segment_len=cfg.data.segment_len, bptt_depth=memory.bptt_depth, armt_nu=memory.armt_nu,
             armt_d_mem=memory.armt_d_mem or min(DEFAULT_ARMT_D_MEM, hidden), memory_init_std=init_std,
             segment_checkpointing=cfg.model.segment_checkpointing, vocab_size=vocab_size, **token_ids)
+        memory_kind(config, cfg.data.sample_len)
     except ValueError as err:
         raise UserError(f"memory.kind={memory.kind}: {err}") from None
-    if memory.kind == "full" and cfg.data.sample_len > config.max_positions:
-        raise UserError(f"memory.kind=full attends over data.segment_len * data.n_segments = {cfg.data.sample_len} "
-                        f"tokens but the decoder has {config.max_positions} positions")
     model = MemoryModelForCausalLM._from_config(config, decoder=decoder)
     if cfg.model.layer_checkpointing:
         model.activation_checkpointing_enable()

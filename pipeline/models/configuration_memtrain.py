@@ -5,18 +5,16 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-MEMORY_KINDS = ("rmt", "armt", "none", "full")
-
 
 class MemoryModelConfig(PretrainedConfig):
     """A base decoder config (``decoder_config``, any HF causal LM) plus the memory around it.
 
-    memory_kind:
+    memory_kind (the classes are ``MEMORY_KINDS`` in modeling_memtrain.py, which checks the rest):
         ``rmt``  read/write memory tokens carried from segment to segment,
         ``armt`` per-layer associative matrix memory written by memory tokens (delta rule),
         ``none`` the same segment loop without memory, ``full`` one pass over the whole sample.
     num_memory_tokens: memory tokens per segment (rmt: m read + m write; armt: m write).
-    segment_len: tokens per segment; inputs hold a whole number of segments.
+    segment_len: tokens per segment (the last segment of an input may be shorter).
     bptt_depth: loss of segment k sends gradient to segment j < k through memory iff
         ``k - j <= bptt_depth``; -1 means no limit (full backpropagation through time).
     armt_nu: DPFP feature-map order; armt_d_mem: width of the associative keys before DPFP.
@@ -44,19 +42,8 @@ class MemoryModelConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.memory_kind not in MEMORY_KINDS:
-            raise ValueError(f"memory_kind must be one of {MEMORY_KINDS}, got {self.memory_kind!r}")
         if self.segment_len < 1 or self.num_memory_tokens < 0 or self.bptt_depth < -1 or self.armt_nu < 1:
             raise ValueError("segment_len >= 1, num_memory_tokens >= 0, bptt_depth >= -1 and armt_nu >= 1 are required")
-        if self.memory_kind == "armt" and self.num_memory_tokens < 1:
-            raise ValueError("armt writes its memory through memory tokens: num_memory_tokens must be >= 1")
-        if self.memory_kind in ("rmt", "armt", "none"):
-            used = self.segment_len + self.positions_per_segment_overhead
-            if used > self.max_positions:
-                raise ValueError(
-                    f"segment_len {self.segment_len} + memory positions {self.positions_per_segment_overhead} = {used} "
-                    f"exceeds the decoder's {self.max_positions} positions"
-                )
         for name in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(self.decoder_config, name))
@@ -64,11 +51,6 @@ class MemoryModelConfig(PretrainedConfig):
     @property
     def max_positions(self) -> int:
         return int(self.decoder_config.max_position_embeddings)
-
-    @property
-    def positions_per_segment_overhead(self) -> int:
-        """Positions a segment spends on memory: rmt reads and writes m tokens, armt only writes."""
-        return {"rmt": 2, "armt": 1}.get(self.memory_kind, 0) * self.num_memory_tokens
 
     def get_text_config(self, decoder=None, encoder=None) -> PretrainedConfig:
         return self.decoder_config

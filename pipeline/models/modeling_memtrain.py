@@ -1,24 +1,480 @@
-"""Memory-augmented decoders (RMT, ARMT, no memory, full attention) as one Hugging Face model class.
+"""Memory-augmented decoders (RMT, ARMT, no memory, full attention) as one Hugging Face causal LM.
 
-Self-contained: this file and its same-folder relative imports are copied next to exported
-weights, so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without
-the memtrain project installed.
+The file reads top to bottom like a transformers modeling file:
+
+1. the memory kinds, one ``nn.Module`` per ``config.memory_kind``, each owning its parameters, its
+   position layout, its segment step and its state, all registered in ``MEMORY_KINDS``;
+2. the segment loop: per-segment loss inside each step, exact truncated BPTT, segment checkpointing;
+3. padding: left/right padded rows are moved to a common start and back;
+4. the model, ``MemoryModelForCausalLM``: HF ``forward`` and ``generate``.
+
+Self-contained: this file and ``configuration_memtrain.py`` are copied next to exported weights, so
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without memtrain.
+
+ZeRO-3: a parameter is only read inside the forward of the module that owns it. Every memory kind's
+step is its ``forward``; ARMT's per-layer parameters live in ``AssociativeLayer`` wrappers that the
+backbone calls. States are tuples of tensors with the batch first (checkpointed, stacked and
+detached uniformly), passed in and returned explicitly; nothing is stored on modules.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .associative import AssociativeLayer
 from .configuration_memtrain import MemoryModelConfig
-from .generation_memtrain import generate_with_memory
-from .memory_cells import AssociativeCell, MemoryTokens, RecurrentCell, SegmentCell
-from .recurrence import run_full, run_logits, run_segments, shift_targets
+
+IGNORE_INDEX = -100
+EPS = 1e-5
+State = tuple[torch.Tensor, ...]
+
+
+def positions(*ranges: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Position ids [1, sum of lengths] of consecutive (start, length) ranges."""
+    return torch.cat([torch.arange(start, start + length, device=device) for start, length in ranges]).unsqueeze(0)
+
+
+def run_backbone(backbone: nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor, **layer_kwargs) -> torch.Tensor:
+    """Final (post-norm) hidden states of the decoder's backbone under its causal mask, no KV cache."""
+    out = backbone(inputs_embeds=embeds, position_ids=position_ids.expand(embeds.shape[0], -1), use_cache=False,
+                   **layer_kwargs)
+    return out.last_hidden_state
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Memory kinds
+# ---------------------------------------------------------------------------------------------
+
+
+class MemoryKind(nn.Module):
+    """What one segment step does: the inputs around the segment, their positions, the next state.
+
+    ``forward(backbone, state, segment, write)`` -> (hidden [B, len, d] at the segment's positions,
+    next state). ``state`` is None before the first segment (the kind builds its initial state there,
+    inside its forward, so ZeRO-3 gathers the parameters it reads); ``write`` is False for the last
+    segment of a pass (nothing reads its memory).
+    """
+
+    carries_state = False  # a state flows from segment to segment (truncated BPTT applies)
+    whole_sample = False  # one step over the whole input instead of one per segment
+
+    def __init__(self, config: MemoryModelConfig, decoder: PreTrainedModel | None = None):
+        super().__init__()
+        self.segment_len = config.segment_len
+
+    @classmethod
+    def check(cls, config: MemoryModelConfig, sample_len: int | None = None) -> None:
+        """Raise ValueError if ``config`` (and a training sample of ``sample_len`` tokens) cannot work."""
+        used = config.segment_len + cls.reserved_positions(config.num_memory_tokens)
+        if used > config.max_positions:
+            raise ValueError(f"segment_len {config.segment_len} + memory positions {used - config.segment_len} = "
+                             f"{used} exceeds the decoder's {config.max_positions} positions")
+
+    @staticmethod
+    def reserved_positions(num_memory_tokens: int) -> int:
+        """Positions a segment spends on memory tokens."""
+        return 0
+
+    def step_len(self, total: int) -> int:
+        """Tokens per step for an input of ``total`` tokens."""
+        return self.segment_len
+
+    def reset_parameters(self) -> None:
+        """(Re)initialise this kind's own parameters (called by the model's ``_init_weights``)."""
+
+    def forward(self, backbone: nn.Module, state: State | None, segment: torch.Tensor, write: bool):
+        raise NotImplementedError
+
+
+class NoMemory(MemoryKind):
+    """``none``: each segment alone at positions 0..len-1; no state (the baseline)."""
+
+    def forward(self, backbone, state, segment, write):
+        hidden = run_backbone(backbone, segment, positions((0, segment.shape[1]), device=segment.device))
+        return hidden, ()
+
+
+class FullAttention(NoMemory):
+    """``full``: plain attention over the whole input in one step (the upper reference)."""
+
+    whole_sample = True
+
+    def __init__(self, config, decoder=None):
+        super().__init__(config)
+        self.max_positions = config.max_positions
+
+    @classmethod
+    def check(cls, config, sample_len=None):
+        if sample_len is not None and sample_len > config.max_positions:
+            raise ValueError(f"full attends over data.segment_len * data.n_segments = {sample_len} tokens but the "
+                             f"decoder has {config.max_positions} positions")
+
+    def step_len(self, total):
+        if total > self.max_positions:
+            raise ValueError(f"full attention over {total} tokens exceeds the decoder's {self.max_positions} positions")
+        return max(total, 1)
+
+
+class RecurrentMemory(MemoryKind):
+    """``rmt``: inputs [read memory ; segment ; write memory]; the next memory comes from the outputs at
+    the write positions (``write_memory``). The initial memory is a learned parameter [m, d].
+
+    Positions are fixed: read 0..m-1, segment m.., write m+L..m+L+m-1 (L = segment_len), so a short
+    last segment does not move the memory's positions.
+    """
+
+    carries_state = True
+
+    def __init__(self, config: MemoryModelConfig, decoder: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.num_tokens = config.num_memory_tokens
+        self.init_std = memory_init_std(config)
+        self.weight = nn.Parameter(torch.randn(self.num_tokens, config.decoder_config.hidden_size) * self.init_std)
+
+    @staticmethod
+    def reserved_positions(num_memory_tokens):
+        return 2 * num_memory_tokens
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+
+    def write_memory(self, written: torch.Tensor) -> torch.Tensor:
+        """The next memory [B, m, d] from the final hidden states at the write positions (as published)."""
+        return written
+
+    def forward(self, backbone, state, segment, write):
+        batch, length = segment.shape[:2]
+        m = self.num_tokens
+        memory = self.weight.unsqueeze(0).expand(batch, -1, -1) if state is None else state[0]
+        parts = [memory, segment] + ([memory] if write else [])
+        ranges = [(0, m), (m, length)] + ([(m + self.segment_len, m)] if write else [])
+        hidden = run_backbone(backbone, torch.cat(parts, dim=1), positions(*ranges, device=segment.device))
+        next_state = (self.write_memory(hidden[:, m + length:]),) if write else (memory,)
+        return hidden[:, m:m + length], next_state
+
+
+def dpfp(x: torch.Tensor, nu: int) -> torch.Tensor:
+    """Deterministic parameter-free projection (Schlag et al. 2021): [..., d] -> [..., 2 * d * nu], >= 0."""
+    x = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
+    rolled = torch.cat([x.roll(shifts=j, dims=-1) for j in range(1, nu + 1)], dim=-1)
+    return x.repeat(*([1] * (x.dim() - 1)), nu) * rolled
+
+
+class AssociativeState:
+    """ARMT's per-layer memories for one segment step, handed to every ``AssociativeLayer`` through the
+    backbone's layer kwargs (as a KV cache is): layer i reads ``inputs[i]`` = (A [B, d_key, d],
+    z [B, d_key]) and, when the step has ``num_write`` write tokens, leaves its update in ``outputs[i]``."""
+
+    def __init__(self, state: State, num_write: int):
+        self.inputs = [state[i:i + 2] for i in range(0, len(state), 2)]
+        self.outputs: list[State | None] = [None] * len(self.inputs)
+        self.num_write = num_write
+
+    def next_state(self) -> State:
+        return tuple(t for layer_state in self.outputs for t in layer_state)
+
+
+class AssociativeLayer(nn.Module):
+    """Wraps decoder layer ``layer_idx``: read this layer's matrix memory before it, write it after it.
+
+    Rodkin et al. 2024 (ARMT). With phi = L2-normalised DPFP features:
+
+        read  (every token x):       x <- x + A^T q / (z . q + eps),   q = phi(W_q x)
+        write (write tokens w):      k = phi(W_k w), v = W_v w, beta = sigmoid(W_b w + b)
+              A <- A + sum_i beta_i k_i (v_i - A^T k_i / (z . k_i + eps))^T      (delta rule)
+              z <- z + sum_i gamma_i k_i,  gamma = clip(1 - (z . k + eps) / |k|^2, 0, 1)  (no gradient)
+
+    W_v starts at zero, as published; the other projections at ``init_std``.
+    """
+
+    def __init__(self, layer: nn.Module, layer_idx: int, hidden_size: int, d_mem: int, nu: int, init_std: float):
+        super().__init__()
+        self.layer = layer
+        self.layer_idx = layer_idx
+        self.nu = nu
+        self.read_query = nn.Parameter(torch.randn(d_mem, hidden_size) * init_std)
+        self.write_key = nn.Parameter(torch.randn(d_mem, hidden_size) * init_std)
+        self.write_value = nn.Parameter(torch.zeros(hidden_size, hidden_size))
+        self.write_gate = nn.Parameter(torch.randn(1, hidden_size) * init_std)
+        self.write_gate_bias = nn.Parameter(torch.zeros(1))
+
+    def _features(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.normalize(dpfp(F.linear(x, weight).float(), self.nu), dim=-1)
+
+    @staticmethod
+    def _lookup(keys: torch.Tensor, matrix: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        denom = torch.einsum("bk,btk->bt", norm, keys).unsqueeze(-1) + EPS
+        return torch.bmm(keys, matrix) / denom, denom
+
+    def forward(self, hidden_states: torch.Tensor, *args, armt_memory: AssociativeState | None = None, **kwargs):
+        if armt_memory is None:
+            raise RuntimeError("AssociativeLayer called without armt_memory (call it through the memory model)")
+        matrix, norm = armt_memory.inputs[self.layer_idx]
+        read, _ = self._lookup(self._features(hidden_states, self.read_query), matrix, norm)
+        out = self.layer(hidden_states + read.to(hidden_states.dtype), *args, **kwargs)
+        if armt_memory.num_write:
+            hidden = out[0] if isinstance(out, tuple) else out
+            armt_memory.outputs[self.layer_idx] = self._write(hidden[:, -armt_memory.num_write:], matrix, norm)
+        return out
+
+    def _write(self, tokens: torch.Tensor, matrix: torch.Tensor, norm: torch.Tensor) -> State:
+        keys = self._features(tokens, self.write_key)
+        values = F.linear(tokens, self.write_value).float()
+        gate = torch.sigmoid(F.linear(tokens, self.write_gate, self.write_gate_bias).float())
+        old_values, denom = self._lookup(keys, matrix, norm)
+        new_info = (1 - denom / (keys.pow(2).sum(-1, keepdim=True) + EPS)).clamp(0, 1).detach()
+        matrix = matrix + torch.einsum("btk,btd->bkd", keys, gate * (values - old_values))
+        norm = norm + (new_info * keys).sum(dim=1)
+        return matrix, norm
+
+
+class AssociativeMemory(MemoryKind):
+    """``armt``: inputs [segment ; write tokens] at positions 0..len-1 and L..L+m-1; every decoder layer
+    (wrapped in ``AssociativeLayer`` by ``__init__``) reads its matrix memory and the write tokens
+    update it. State: (A_0, z_0, A_1, z_1, ...), zeros before the first segment, never saved."""
+
+    carries_state = True
+
+    def __init__(self, config: MemoryModelConfig, decoder: PreTrainedModel):
+        super().__init__(config)
+        self.init_std = memory_init_std(config)
+        hidden = config.decoder_config.hidden_size
+        self.weight = nn.Parameter(torch.randn(config.num_memory_tokens, hidden) * self.init_std)
+        layers = decoder_layers(decoder)
+        for i in range(len(layers)):
+            layers[i] = AssociativeLayer(layers[i], i, hidden, config.armt_d_mem, config.armt_nu, self.init_std)
+        self.state_shapes = [(2 * config.armt_d_mem * config.armt_nu, hidden)] * len(layers)
+
+    @classmethod
+    def check(cls, config, sample_len=None):
+        if config.num_memory_tokens < 1:
+            raise ValueError("armt writes its memory through memory tokens: num_memory_tokens must be >= 1")
+        super().check(config, sample_len)
+
+    @staticmethod
+    def reserved_positions(num_memory_tokens):
+        return num_memory_tokens
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+
+    def initial_state(self, batch: int, device: torch.device) -> State:
+        return tuple(t for d_key, d in self.state_shapes
+                     for t in (torch.zeros(batch, d_key, d, device=device), torch.zeros(batch, d_key, device=device)))
+
+    def forward(self, backbone, state, segment, write):
+        batch, length = segment.shape[:2]
+        state = self.initial_state(batch, segment.device) if state is None else state
+        tokens = self.weight.unsqueeze(0).expand(batch, -1, -1) if write else segment[:, :0]
+        memory = AssociativeState(state, tokens.shape[1])
+        ranges = [(0, length)] + ([(self.segment_len, tokens.shape[1])] if write else [])
+        hidden = run_backbone(backbone, torch.cat([segment, tokens], dim=1), positions(*ranges, device=segment.device),
+                              armt_memory=memory)
+        return hidden[:, :length], memory.next_state() if write else state
+
+
+MEMORY_KINDS: dict[str, type[MemoryKind]] = {
+    "rmt": RecurrentMemory, "armt": AssociativeMemory, "none": NoMemory, "full": FullAttention}
+
+
+def memory_kind(config: MemoryModelConfig, sample_len: int | None = None) -> type[MemoryKind]:
+    """The checked class of ``config.memory_kind`` (rmt without memory tokens is the no-memory loop)."""
+    if config.memory_kind not in MEMORY_KINDS:
+        raise ValueError(f"memory_kind must be one of {tuple(MEMORY_KINDS)}, got {config.memory_kind!r}")
+    kind = MEMORY_KINDS[config.memory_kind]
+    if kind is RecurrentMemory and config.num_memory_tokens == 0:
+        kind = NoMemory
+    kind.check(config, sample_len)
+    return kind
+
+
+def memory_init_std(config: MemoryModelConfig) -> float:
+    return config.memory_init_std or getattr(config.decoder_config, "initializer_range", 0.02)
+
+
+def decoder_layers(decoder: PreTrainedModel) -> nn.ModuleList:
+    """The repeated block list of a HF causal LM (``transformer.h``, ``model.layers``, ``gpt_neox.layers``...)."""
+    n_layers = decoder.config.num_hidden_layers
+    for module in decoder.base_model.children():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ValueError(f"cannot find the {n_layers} decoder layers of {type(decoder).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The segment loop
+# ---------------------------------------------------------------------------------------------
+#
+# Truncated BPTT with depth d (``bptt_depth``): the loss of segment k sends gradient to segment
+# j <= k (its inputs, and through them to every parameter used there) iff ``k - j <= d``; d = -1
+# means no limit. The learned initial memory counts as part of segment 0.
+#
+# Detaching the memory every d segments (the usual shortcut) gives some pairs depth d and others
+# depth 0. To be exact per pair, the loop carries a window of memory *versions* with the same value
+# but different graphs: version r was detached r segments ago. Segment k runs once on all versions
+# stacked along the batch (at most d + 1 of them); the loss reads the deepest version, version r
+# feeds version r + 1 of the next segment and version 0 is always a detached copy. This costs up to
+# (d + 1)x the compute of a segment when 0 < d < n_segments - 1; d = 0 and d = -1 (or
+# d >= n_segments - 1) run a single version.
+#
+# Each step returns only (next state, NLL sum, target count[, per-token NLL]); logits never outlive
+# their step, so with segment checkpointing activation memory is flat in the segment count.
+
+
+@dataclass
+class SegmentStats:
+    nll: torch.Tensor  # float32 [n_segments]: NLL sums over the batch
+    tokens: torch.Tensor  # int64 [n_segments]: counted targets
+    token_nll: torch.Tensor | None  # float32 [B, T] in target frame (column t = NLL of target t), or None
+
+
+def shift_targets(labels: torch.Tensor) -> torch.Tensor:
+    """HF's shift: position t predicts labels[:, t + 1] (across segment boundaries); the last predicts nothing."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def head_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
+              per_token: bool) -> tuple[torch.Tensor, ...]:
+    """(NLL sum, count[, per-position NLL]) of ``head(hidden)`` against ``targets``, in float32."""
+    logits = head(hidden).float()
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    nll = nll.view(targets.shape)
+    count = (targets != IGNORE_INDEX).sum()
+    return (nll.sum(), count, nll) if per_token else (nll.sum(), count)
+
+
+def _maybe_checkpoint(enabled: bool, fn: Callable, *args):
+    return checkpoint(fn, *args, use_reentrant=False) if enabled else fn(*args)
+
+
+def _split_versions(state: State, copies: int) -> list[State]:
+    return [tuple(t.chunk(copies)[i] for t in state) for i in range(copies)]
+
+
+def _spans(total: int, step_len: int) -> list[tuple[int, int]]:
+    """(start, end) of each step; the last one may be short."""
+    return [(start, min(start + step_len, total)) for start in range(0, total, step_len)]
+
+
+def run_segments(memory: MemoryKind, backbone: nn.Module, head: Callable, embeds: torch.Tensor,
+                 targets: torch.Tensor, bptt_depth: int, checkpointing: bool, per_token: bool) -> SegmentStats:
+    """Loss statistics of a recurrent pass over ``embeds`` [B, T, d] (the last segment may be short)."""
+    batch = embeds.shape[0]
+    spans = _spans(embeds.shape[1], memory.step_len(embeds.shape[1]))
+    truncated = memory.carries_state and torch.is_grad_enabled() and 0 <= bptt_depth < len(spans) - 1
+    versions: list[State | None] = [None]
+    nll, counts, token_nll = [], [], []
+    for k, (start, end) in enumerate(spans):
+        write = k < len(spans) - 1
+        copies = len(versions)
+        stacked = tuple(torch.cat(parts) for parts in zip(*versions)) if copies > 1 else versions[0]
+        segment = embeds[:, start:end]
+        segment = segment.repeat(copies, 1, 1) if copies > 1 else segment
+
+        def step(stacked_state, segment, seg_targets, write=write):
+            hidden, next_state = memory(backbone, stacked_state, segment, write)
+            return next_state, head_loss(head, hidden[-batch:], seg_targets, per_token)
+
+        next_state, stats = _maybe_checkpoint(checkpointing, step, stacked, segment, targets[:, start:end])
+        nll.append(stats[0])
+        counts.append(stats[1])
+        if per_token:
+            token_nll.append(stats[2])
+        if not truncated:
+            versions = [next_state]
+        else:
+            outs = _split_versions(next_state, copies)
+            versions = [tuple(t.detach() for t in outs[0])] + outs[:min(copies, bptt_depth)]
+    return SegmentStats(torch.stack(nll), torch.stack(counts), _to_target_frame(token_nll) if per_token else None)
+
+
+def run_whole(memory: MemoryKind, backbone: nn.Module, head: Callable, embeds: torch.Tensor, targets: torch.Tensor,
+              segment_len: int, checkpointing: bool, per_token: bool) -> SegmentStats:
+    """Loss statistics of one pass over the whole input, still reported per segment (only the head is
+    checkpointed: there is no segment step to recompute)."""
+    hidden = run_hidden(memory, backbone, embeds)
+    nll, counts, token_nll = [], [], []
+    for start, end in _spans(embeds.shape[1], segment_len):
+        stats = _maybe_checkpoint(checkpointing, lambda h, t: head_loss(head, h, t, per_token),
+                                  hidden[:, start:end], targets[:, start:end])
+        nll.append(stats[0])
+        counts.append(stats[1])
+        if per_token:
+            token_nll.append(stats[2])
+    return SegmentStats(torch.stack(nll), torch.stack(counts), _to_target_frame(token_nll) if per_token else None)
+
+
+def _to_target_frame(position_nll: list[torch.Tensor]) -> torch.Tensor:
+    """Per-position NLLs (position t predicts target t + 1) -> column t holds the NLL of target t."""
+    nll = torch.cat(position_nll, dim=1)
+    return torch.cat([torch.zeros_like(nll[:, :1]), nll[:, :-1]], dim=1)
+
+
+def run_hidden(memory: MemoryKind, backbone: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [B, T, d] of every position (inference: no loss, no truncation)."""
+    spans = _spans(embeds.shape[1], memory.step_len(embeds.shape[1]))
+    state, hidden = None, []
+    for k, (start, end) in enumerate(spans):
+        out, state = memory(backbone, state, embeds[:, start:end], k < len(spans) - 1)
+        hidden.append(out)
+    return torch.cat(hidden, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Padding
+# ---------------------------------------------------------------------------------------------
+
+
+class Packing:
+    """Padded rows (one run of ones per ``attention_mask`` row: left, right or both sides padded) moved to
+    start at column 0. In a causal model the tokens after a row's end cannot change its outputs, so a
+    packed row computes exactly what the unpadded row would, segment boundaries and memory included."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        mask = attention_mask.bool()
+        total = mask.shape[1]
+        self.lengths = mask.sum(dim=1)
+        starts = mask.int().argmax(dim=1)
+        columns = torch.arange(total, device=mask.device)
+        run = (columns >= starts[:, None]) & (columns < (starts + self.lengths)[:, None])
+        if not bool((run == mask).all()):
+            raise ValueError("attention_mask must hold one run of ones per row (left or right padding): "
+                             "a memory model reads every token of a segment and cannot skip tokens inside it")
+        self.valid = columns[None] < self.lengths[:, None]  # in the packed frame
+        self._pack = ((columns[None] + starts[:, None]) % total)
+        self._unpack = ((columns[None] - starts[:, None]) % total)
+
+    @staticmethod
+    def of(attention_mask: torch.Tensor | None) -> Packing | None:
+        """None when nothing is padded."""
+        if attention_mask is None or bool(attention_mask.bool().all()):
+            return None
+        return Packing(attention_mask)
+
+    @staticmethod
+    def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        index = index.to(x.device)
+        return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return self._gather(x, self._pack)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        return self._gather(x, self._unpack)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The model
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -33,18 +489,14 @@ class MemoryModelOutput(ModelOutput):
     token_nll: torch.Tensor | None = None
 
 
-def decoder_layers(decoder: PreTrainedModel) -> nn.ModuleList:
-    """The repeated block list of a HF causal LM (``transformer.h``, ``model.layers``, ``gpt_neox.layers``...)."""
-    n_layers = decoder.config.num_hidden_layers
-    for module in decoder.base_model.children():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise ValueError(f"cannot find the {n_layers} decoder layers of {type(decoder).__name__}")
-
-
 class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
-    """A decoder with segment-level memory. ``generate`` is its own (memory needs segment-wise reading);
-    GenerationMixin is inherited so transformers gives it a ``generation_config`` and loads the saved one."""
+    """A decoder (any HF causal LM that takes ``inputs_embeds``) with segment-level memory.
+
+    ``generate`` is transformers' own: every step reruns ``forward`` over the whole sequence (no KV
+    cache: the memory written at each segment boundary is recomputed), so generation crosses segment
+    boundaries, writes memory there, and every logits processor, stopping criterion, beam search and
+    left-padded batch works as for any causal LM.
+    """
 
     config_class = MemoryModelConfig
     base_model_prefix = "decoder"
@@ -54,28 +506,21 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MemoryModelConfig, decoder: PreTrainedModel | None = None):
         super().__init__(config)
+        kind = memory_kind(config)
         if decoder is None:
             decoder = AutoModelForCausalLM.from_config(config.decoder_config)
         else:  # pretrained weights: keep post_init (and ZeRO-3's gathered init) from re-initialising them
             for module in decoder.modules():
                 module._is_hf_initialized = True
         self.decoder = decoder
-        hidden = config.decoder_config.hidden_size
-        init_std = config.memory_init_std or getattr(config.decoder_config, "initializer_range", 0.02)
-        kind, m = config.memory_kind, config.num_memory_tokens
-        if kind in ("rmt", "armt") and m > 0:
-            self.memory = MemoryTokens(m, hidden, init_std)
-        if kind == "armt":
-            layers = decoder_layers(self.decoder)
-            for i in range(len(layers)):
-                layers[i] = AssociativeLayer(layers[i], hidden, config.armt_d_mem, config.armt_nu, init_std)
+        self.memory = kind(config, decoder)
         self.post_init()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # The decoder initialises itself (it is a PreTrainedModel); AssociativeLayer sets its own values.
-        if isinstance(module, MemoryTokens):
-            nn.init.normal_(module.weight, mean=0.0, std=module.init_std)
+        if isinstance(module, MemoryKind):
+            module.reset_parameters()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.decoder.get_input_embeddings()
@@ -86,74 +531,62 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.decoder.get_output_embeddings()
 
-    def cell(self) -> SegmentCell:
-        cfg, backbone = self.config, self.decoder.base_model
-        if cfg.memory_kind == "armt":
-            layers = [m for m in self.decoder.modules() if isinstance(m, AssociativeLayer)]
-            return AssociativeCell(backbone, cfg.segment_len, self.memory, layers, cfg.decoder_config.hidden_size)
-        if cfg.memory_kind == "rmt" and cfg.num_memory_tokens > 0:
-            return RecurrentCell(backbone, cfg.segment_len, self.memory)
-        return SegmentCell(backbone, cfg.segment_len)
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, inputs_embeds: torch.FloatTensor | None = None,
+                return_token_nll: bool = False, logits_to_keep: int = 0, return_dict: bool | None = None,
+                num_items_in_batch: int | torch.Tensor | None = None, **kwargs) -> MemoryModelOutput | tuple:
+        """input_ids [B, T] (any T; the last segment may be short); ``attention_mask`` [B, T] with one run
+        of ones per row (left or right padding); labels [B, T], -100 = not a target, shifted here as in
+        HF (position t predicts labels[t + 1]; padded positions never count).
 
-    def _segment_len_for(self, total: int) -> int:
-        cfg = self.config
-        if cfg.memory_kind == "full":
-            if total > cfg.max_positions:
-                raise ValueError(f"full attention over {total} tokens exceeds the decoder's {cfg.max_positions} positions")
-            return total
-        if total % cfg.segment_len:
-            raise ValueError(f"input length {total} is not a multiple of segment_len {cfg.segment_len}")
-        return cfg.segment_len
-
-    def forward(self, input_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
-                return_token_nll: bool = False, inputs_embeds: torch.FloatTensor | None = None) -> MemoryModelOutput:
-        """input_ids [B, n_segments * segment_len]; labels same shape, -100 = not a target (shifted here).
-
-        Returns the mean ``loss`` and per-segment NLL sums and target counts (``token_nll`` [B, T] on
-        request) when labels are given, else ``logits`` [B, T, V].
+        With labels: the mean ``loss`` (over targets, or ``sum / num_items_in_batch`` as transformers'
+        Trainer asks under gradient accumulation), per-segment NLL sums and target counts, and
+        ``token_nll`` [B, T] on request; no logits (a long sample's full-vocabulary logits are what the
+        segment-wise loss avoids). Without labels: ``logits`` [B, T, V] (the last ``logits_to_keep`` if
+        > 0). Other HF kwargs (position_ids, use_cache, output_attentions...) are accepted and ignored:
+        the memory kind lays out its own positions and keeps no KV cache between calls.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
-        segment_len = self._segment_len_for(embeds.shape[1])
-        cell, head = self.cell(), self.get_output_embeddings()
+        packing = Packing.of(attention_mask)
+        if packing is not None:
+            embeds = packing.pack(embeds)
+        backbone, head = self.decoder.base_model, self.get_output_embeddings()
         if labels is None:
-            return MemoryModelOutput(logits=run_logits(cell, head, embeds, segment_len))
-        targets = shift_targets(labels)
-        checkpointing = self.config.segment_checkpointing and torch.is_grad_enabled()
-        if self.config.memory_kind == "full":
-            stats = run_full(cell, head, embeds, targets, self.config.segment_len, checkpointing, return_token_nll)
+            hidden = run_hidden(self.memory, backbone, embeds)
+            hidden = packing.unpack(hidden) if packing is not None else hidden
+            out = MemoryModelOutput(logits=head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
         else:
-            stats = run_segments(cell, head, embeds, targets, segment_len, self.config.bptt_depth, checkpointing,
-                                 return_token_nll)
-        loss = stats.nll.sum() / stats.tokens.sum().clamp(min=1)
-        return MemoryModelOutput(loss=loss, segment_nll=stats.nll, segment_tokens=stats.tokens,
-                                 token_nll=stats.token_nll)
+            if packing is not None:
+                labels = packing.pack(labels).masked_fill(~packing.valid.to(labels.device), IGNORE_INDEX)
+            out = self._loss(embeds, shift_targets(labels), return_token_nll, num_items_in_batch)
+            if packing is not None and out.token_nll is not None:
+                out.token_nll = packing.unpack(out.token_nll)
+        return out if return_dict is not False else out.to_tuple()
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.LongTensor, max_new_tokens: int | None = None, do_sample: bool | None = None,
-                 temperature: float | None = None, top_k: int | None = None,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
-        """Read the prompt segment by segment (memory written after each full segment), then continue the
-        last (partial) segment with the current memory and a KV cache; no write tokens after the prompt.
-        Prompts are unpadded (an attention_mask, if given, must be all ones). An argument left out comes
-        from ``self.generation_config`` (as in transformers; the export writes one), then from the model
-        config; ``max_new_tokens`` falls back to 20."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("generate takes unpadded prompts of equal length (attention_mask must be all ones)")
+    def _loss(self, embeds: torch.Tensor, targets: torch.Tensor, per_token: bool,
+              num_items_in_batch: int | torch.Tensor | None) -> MemoryModelOutput:
+        cfg, backbone, head = self.config, self.decoder.base_model, self.get_output_embeddings()
+        checkpointing = cfg.segment_checkpointing and torch.is_grad_enabled()
+        if self.memory.whole_sample:
+            stats = run_whole(self.memory, backbone, head, embeds, targets, cfg.segment_len, checkpointing, per_token)
+        else:
+            stats = run_segments(self.memory, backbone, head, embeds, targets, cfg.bptt_depth, checkpointing,
+                                 per_token)
+        denominator = stats.tokens.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return MemoryModelOutput(loss=stats.nll.sum() / denominator, segment_nll=stats.nll,
+                                 segment_tokens=stats.tokens, token_nll=stats.token_nll)
 
-        def setting(value, name: str, fallback):
-            if value is not None:
-                return value
-            configured = getattr(self.generation_config, name, None)  # also when it was set to None
-            return fallback if configured is None else configured
+    # generation: transformers' loop, a full forward per step (see the class docstring)
 
-        return generate_with_memory(self, input_ids, setting(max_new_tokens, "max_new_tokens", 20),
-                                    setting(do_sample, "do_sample", False), setting(temperature, "temperature", 1.0),
-                                    setting(top_k, "top_k", None),
-                                    setting(eos_token_id, "eos_token_id", self.config.eos_token_id),
-                                    setting(pad_token_id, "pad_token_id", self.config.pad_token_id))
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                                      **kwargs) -> dict:
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "logits_to_keep": 1}
 
 
 MemoryModelConfig.register_for_auto_class()

@@ -72,7 +72,9 @@ def test_generation_defaults_come_from_the_generation_config():
     assert torch.equal(model.generate(prompt), greedy)
 
 
-def test_generation_refuses_to_run_past_the_positions():
-    model = tiny_model("rmt")  # 64 positions, 3 read memory tokens
-    with pytest.raises(ValueError, match="lower max_new_tokens"):
-        model.generate(random_ids(1, 1), max_new_tokens=60)
+def test_generation_rolls_over_into_new_segments_past_the_positions():
+    model = tiny_model("rmt")  # 64 positions; 8 + 60 tokens span 9 segments, each writing memory for the next
+    prompt = random_ids(1, 1)
+    generated = model.generate(prompt, max_new_tokens=60)
+    assert generated.shape[1] == 68
+    assert torch.equal(generated, greedy_by_full_forwards(model, prompt, 60))

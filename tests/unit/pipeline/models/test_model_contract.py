@@ -77,8 +77,8 @@ def test_memory_carries_information_across_segments():
 
 def test_bad_inputs_and_configs_are_errors():
     model = tiny_model("rmt")
-    with pytest.raises(ValueError, match="multiple of segment_len"):
-        model(random_ids(1, 2)[:, :-1])
+    with pytest.raises(ValueError, match="one run of ones per row"):
+        model(random_ids(1, 2), attention_mask=torch.tensor([[1, 0] * SEGMENT_LEN]))
     with pytest.raises(UserError, match="exceeds the decoder's 64 positions"):
         build_model(tiny_config("rmt", "gpt2", "data.segment_len=60"), VOCAB, 1, 2, 0)
     build_model(tiny_config("armt", "gpt2", "data.segment_len=60"), VOCAB, 1, 2, 0)  # armt spends m, not 2m
