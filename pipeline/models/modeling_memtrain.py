@@ -477,6 +477,30 @@ class Packing:
 # ---------------------------------------------------------------------------------------------
 
 
+class SegmentMemoryCache:
+    """What ``generate`` carries between forward calls in place of a KV cache: the (packed) ids of the
+    first whole segments of every row and the memory state after them. A call whose input starts with
+    those ids resumes there, so a new token costs one or two segments, not the whole sequence; any
+    other input is recomputed from the start, so the cache can never change a result."""
+
+    is_compileable = False
+
+    def __init__(self, ids: torch.Tensor, state: State | None):
+        self.ids, self.state = ids, state
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.ids.shape[1]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.ids = self.ids[beam_idx.to(self.ids.device)]
+        if self.state is not None:
+            self.state = tuple(t[beam_idx.to(t.device)] for t in self.state)
+
+    def resumes(self, ids: torch.Tensor) -> bool:
+        n = self.ids.shape[1]
+        return ids.shape[0] == self.ids.shape[0] and ids.shape[1] >= n and torch.equal(ids[:, :n], self.ids)
+
+
 @dataclass
 class MemoryModelOutput(ModelOutput):
     """``loss`` = sum(segment_nll) / sum(segment_tokens). Segment k's statistics are the predictions
@@ -487,15 +511,16 @@ class MemoryModelOutput(ModelOutput):
     segment_nll: torch.Tensor | None = None
     segment_tokens: torch.Tensor | None = None
     token_nll: torch.Tensor | None = None
+    past_key_values: SegmentMemoryCache | None = None
 
 
 class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
     """A decoder (any HF causal LM that takes ``inputs_embeds``) with segment-level memory.
 
-    ``generate`` is transformers' own: every step reruns ``forward`` over the whole sequence (no KV
-    cache: the memory written at each segment boundary is recomputed), so generation crosses segment
-    boundaries, writes memory there, and every logits processor, stopping criterion, beam search and
-    left-padded batch works as for any causal LM.
+    ``generate`` is transformers' own: each step runs ``forward`` on the whole sequence, which resumes
+    from the memory state after the segments it has already read (``SegmentMemoryCache``; no KV cache
+    inside a segment), so generation crosses segment boundaries, writes memory there, and every logits
+    processor, stopping criterion, beam search and left-padded batch works as for any causal LM.
     """
 
     config_class = MemoryModelConfig
@@ -534,7 +559,8 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, inputs_embeds: torch.FloatTensor | None = None,
                 return_token_nll: bool = False, logits_to_keep: int = 0, return_dict: bool | None = None,
-                num_items_in_batch: int | torch.Tensor | None = None, **kwargs) -> MemoryModelOutput | tuple:
+                num_items_in_batch: int | torch.Tensor | None = None, use_cache: bool = False,
+                past_key_values: SegmentMemoryCache | None = None, **kwargs) -> MemoryModelOutput | tuple:
         """input_ids [B, T] (any T; the last segment may be short); ``attention_mask`` [B, T] with one run
         of ones per row (left or right padding); labels [B, T], -100 = not a target, shifted here as in
         HF (position t predicts labels[t + 1]; padded positions never count).
@@ -543,8 +569,10 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
         Trainer asks under gradient accumulation), per-segment NLL sums and target counts, and
         ``token_nll`` [B, T] on request; no logits (a long sample's full-vocabulary logits are what the
         segment-wise loss avoids). Without labels: ``logits`` [B, T, V] (the last ``logits_to_keep`` if
-        > 0). Other HF kwargs (position_ids, use_cache, output_attentions...) are accepted and ignored:
-        the memory kind lays out its own positions and keeps no KV cache between calls.
+        > 0); with ``use_cache`` and ``logits_to_keep=1`` (what ``generate`` asks) also a
+        ``SegmentMemoryCache`` to pass back as ``past_key_values`` with the extended input. Other HF
+        kwargs (position_ids, output_attentions...) are accepted and ignored: the memory kind lays out
+        its own positions.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -553,7 +581,10 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
         if packing is not None:
             embeds = packing.pack(embeds)
         backbone, head = self.decoder.base_model, self.get_output_embeddings()
-        if labels is None:
+        if labels is None and use_cache and logits_to_keep == 1 and input_ids is not None \
+                and not self.memory.whole_sample:
+            out = self._next_token_logits(input_ids, packing, past_key_values)
+        elif labels is None:
             hidden = run_hidden(self.memory, backbone, embeds)
             hidden = packing.unpack(hidden) if packing is not None else hidden
             out = MemoryModelOutput(logits=head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
@@ -578,15 +609,43 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
         return MemoryModelOutput(loss=stats.nll.sum() / denominator, segment_nll=stats.nll,
                                  segment_tokens=stats.tokens, token_nll=stats.token_nll)
 
-    # generation: transformers' loop, a full forward per step (see the class docstring)
+    def _next_token_logits(self, input_ids: torch.LongTensor, packing: Packing | None,
+                           cache: SegmentMemoryCache | None) -> MemoryModelOutput:
+        """Logits [B, 1, V] at every row's last token, resuming from ``cache`` where it applies."""
+        ids = packing.pack(input_ids) if packing is not None else input_ids
+        total, segment_len = ids.shape[1], self.config.segment_len
+        lengths = packing.lengths if packing is not None else torch.full((ids.shape[0],), total, device=ids.device)
+        last = (lengths - 1).clamp(min=0)
+        keep = int((last // segment_len).min())  # whole segments before every row's last token
+        start, state = (cache.ids.shape[1] // segment_len, cache.state) if cache is not None and cache.resumes(ids) \
+            else (0, None)
+        embeds = self.get_input_embeddings()(ids[:, start * segment_len:])
+        spans = _spans(total, segment_len)
+        hidden, kept = [], state
+        for k in range(start, len(spans)):
+            if k == keep:
+                kept = state
+            a, b = (i - start * segment_len for i in spans[k])
+            out, state = self.memory(self.decoder.base_model, state, embeds[:, a:b], k < len(spans) - 1)
+            hidden.append(out)
+        hidden = torch.cat(hidden, dim=1)
+        index = (last - start * segment_len).to(hidden.device)
+        hidden = hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))
+        return MemoryModelOutput(logits=self.get_output_embeddings()(hidden),
+                                 past_key_values=SegmentMemoryCache(ids[:, :keep * segment_len], kept))
+
+    # generation: transformers' loop; forward resumes from the SegmentMemoryCache it returned last time
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor,
+                                      past_key_values: SegmentMemoryCache | None = None,
+                                      attention_mask: torch.Tensor | None = None, use_cache: bool = True,
                                       **kwargs) -> dict:
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "logits_to_keep": 1}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values,
+                "use_cache": use_cache, "logits_to_keep": 1}
 
 
 MemoryModelConfig.register_for_auto_class()

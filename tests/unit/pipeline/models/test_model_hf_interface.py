@@ -129,3 +129,20 @@ def test_peft_lora_trains_merges_saves_and_reloads(kind, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
         assert float(reloaded(ids, labels=ids).loss) < losses[0]
+
+
+@pytest.mark.parametrize("kind", ["rmt", "armt", "none"])
+def test_generation_resumes_from_the_segments_already_read(kind):
+    model = tiny_model(kind)
+    prompts = [random_ids(1, 4, seed=i)[0, :n] for i, n in enumerate((3 * SEGMENT_LEN + 3, 5))]
+    ids, mask = padded_batch(prompts, "left")
+    new = 4 * SEGMENT_LEN
+    settings = dict(attention_mask=mask, max_new_tokens=new, pad_token_id=PAD)
+    assert torch.equal(model.generate(ids, **settings), model.generate(ids, **settings, use_cache=False))
+    steps = []
+    hook = model.memory.register_forward_hook(lambda *_: steps.append(1))
+    model.generate(prompts[0][None], max_new_tokens=new)
+    hook.remove()
+    # the first call reads the prompt's 4 segments, each later one the last one or two (recomputing
+    # everything would take 4..8 segment steps per token)
+    assert len(steps) <= 4 + 2 * (new - 1)
