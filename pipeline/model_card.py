@@ -147,11 +147,13 @@ output = model.generate(prompt, max_new_tokens=50)
 print(tokenizer.decode(output[0, prompt.shape[1]:]))
 ```
 
-`generate()` reads the prompt segment by segment ({cfg.data.segment_len} tokens each), carrying the
-memory across segments, then generates from the last segment with that memory.
+`generate()` (transformers' own: sampling flags, stopping criteria, beams, left-padded batches,
+`pipeline("text-generation", ..., trust_remote_code=True)`) reads the prompt segment by segment
+({cfg.data.segment_len} tokens each), carrying the memory across segments, and keeps writing memory
+as the generated text crosses segment boundaries.
 
-Per-segment negative log-likelihood: pass `labels` (-100 = not a target) with a length that is a
-multiple of {cfg.data.segment_len}, e.g. {sample_len} tokens; the output holds `loss`, `segment_nll`
+Per-segment negative log-likelihood: pass `labels` (-100 = not a target; any length, trained on
+{sample_len} tokens) and optionally an `attention_mask`; the output holds `loss`, `segment_nll`
 (NLL sums per segment) and `segment_tokens` (target counts), so
 `exp(segment_nll / segment_tokens)` is the per-segment perplexity."""
 

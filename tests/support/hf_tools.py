@@ -3,7 +3,8 @@ lm-evaluation-harness do, with the project not importable.
 
 argv: export_dir data_dir split max_samples work_dir. Prints one JSON line with:
 - ``pipeline``: two sampled continuations of a prompt from ``pipeline("text-generation")`` with top_p,
-  repetition_penalty and num_return_sequences=2, and what transformers logged meanwhile;
+  repetition_penalty and num_return_sequences=2, what transformers logged meanwhile, and a greedy
+  continuation of the same prompt without and with a word of it as ``stop_strings``;
 - ``loglikelihood``: lm-eval ``HFLM`` over a task YAML of the first max_samples samples of the split,
   written as JSONL (context = the first token's text, or "" when it is BOS, which HFLM then supplies;
   continuation = the rest), per sample, with whether the text re-encodes to the sample's ids;
@@ -37,7 +38,14 @@ generator = pipeline("text-generation", model=export_dir, trust_remote_code=True
 torch.manual_seed(0)
 outputs = generator("The key was in the", do_sample=True, top_p=0.9, repetition_penalty=1.2, num_return_sequences=2,
                     max_new_tokens=40)
-pipeline_report = {"texts": [o["generated_text"] for o in outputs], "log": log.getvalue()}
+tok = generator.tokenizer
+prompt = tok("The key was in the", return_tensors="pt")
+start = prompt["input_ids"].shape[1]
+free = generator.model.generate(**prompt, max_new_tokens=40)[0, start:]
+stop = next(w for w in (tok.decode(t).strip() for t in free[4:]) if w.isalpha() and len(w) > 1)  # a word it writes
+stopped = generator.model.generate(**prompt, max_new_tokens=40, stop_strings=[stop], tokenizer=tok)[0, start:]
+pipeline_report = {"texts": [o["generated_text"] for o in outputs], "log": log.getvalue(), "stop": stop,
+                   "free": tok.decode(free), "stopped": tok.decode(stopped)}
 
 tokenizer = AutoTokenizer.from_pretrained(export_dir, trust_remote_code=True)
 manifest = json.loads((data_dir / "manifest.json").read_text())

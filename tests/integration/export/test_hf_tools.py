@@ -37,6 +37,12 @@ def test_the_text_generation_pipeline_samples_with_top_p_and_repetition_penalty(
     assert "model of type" not in used["pipeline"]["log"]
 
 
+def test_generation_stops_at_a_stop_string(used: dict) -> None:
+    free, stopped, stop = used["pipeline"]["free"], used["pipeline"]["stopped"], used["pipeline"]["stop"]
+    assert free.startswith(stopped) and len(stopped) < len(free)
+    assert stopped.endswith(stop)  # greedy: the same text, cut where the word was written
+
+
 def test_lm_eval_loglikelihood_agrees_with_memtrain_eval(used: dict, trained_run: TrainedRun) -> None:
     reported = EvalResult.from_json(trained_run.eval_json)
     scored = used["loglikelihood"]
