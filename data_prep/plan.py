@@ -36,6 +36,8 @@ def settings_of(data) -> dict[str, Any]:
                                             "samples_per_shard")}
     if data.source.startswith("synthetic:"):
         corpus["synthetic"] = data.synthetic.model_dump()
+    if data.source.startswith("babilong:"):
+        corpus["babilong"] = data.babilong.model_dump()
     shape = {"segment_len": data.segment_len, "n_segments": data.n_segments, "sample_len": data.sample_len,
              "tail": data.tail}
     return {"shape": shape, "tokenizer": tokenizer, "corpus": corpus}

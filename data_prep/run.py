@@ -52,6 +52,10 @@ def _no_progress(stage: str, total: int | None) -> Callable[[int], None]:
 def prepare(cfg, shard_index: int | None = None, num_shards: int | None = None,
             progress: Progress = _no_progress) -> PrepResult:
     """Run prep for ``cfg`` (an ExperimentConfig); the whole corpus, or one array task's slice."""
+    if cfg.data.source.startswith("babilong:"):
+        from data_prep.babilong_prep import prepare_babilong
+
+        return prepare_babilong(cfg, shard_index, num_shards)
     started = time.perf_counter()
     data = cfg.data
     task, tasks = _check_array_args(shard_index, num_shards)

@@ -144,6 +144,17 @@ class Encoder:
         parts = [self._encode_batch(batch) for batch in _batched(split_for_encoding(text), ENCODE_BATCH)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
+    def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+        """Each short text's ids (no chunking), in one tokenizer call."""
+        if self.spm is not None:
+            pieces = self.spm.encode(texts, num_threads=1)
+        else:
+            pieces = self.hf(texts, add_special_tokens=False)["input_ids"]
+        return [np.asarray(ids, dtype=np.int32) for ids in pieces]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.spm.decode(ids) if self.spm is not None else self.hf.decode(ids, skip_special_tokens=True)
+
     def _encode_batch(self, chunks: list[str]) -> np.ndarray:
         if self.spm is not None:
             pieces = self.spm.encode(chunks, num_threads=1)

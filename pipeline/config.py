@@ -42,9 +42,42 @@ class SyntheticConfig(Section):
     recall candidate, so a nonzero share gives memory a strong, frequent signal to learn from."""
 
 
+class BabilongDataConfig(Section):
+    """``data.source: babilong:qa1[,qa2,...]``: bAbI questions whose facts are scattered through background
+    text (see data_prep/babilong.py)."""
+
+    background: str = "filler"
+    """Background text: `filler` (built-in neutral sentences), or any book source (folder, .jsonl, .parquet, hf:ID)."""
+    facts: str | None = None
+    """Story source: unset = memtrain's own bAbI generator; `hf:facebook/babi_qa` or a local .jsonl in its schema."""
+    lengths: list[int] = [1, 2, 4]
+    """Sample lengths in segments; every sample is exactly n x data.segment_len tokens, question and answer at its end."""
+    train_samples: int = Field(2000, ge=1)
+    """Train samples per length."""
+    val_samples: int = Field(100, ge=0)
+    """Validation samples per length."""
+    test_samples: int = Field(100, ge=0)
+    """Test samples per length."""
+    loss: Literal["answer", "lm+answer"] = "answer"
+    """Training targets: the answer tokens only, or every token (language modelling plus the answer)."""
+    min_facts: int = Field(2, ge=1)
+    """Fewest story sentences before the question (own generator)."""
+    max_facts: int = Field(10, ge=1)
+    """Most story sentences before the question (own generator)."""
+    filler_books: int = Field(8, ge=1)
+    """Books of built-in filler per split (background `filler`)."""
+
+    @field_validator("lengths")
+    @classmethod
+    def _lengths_valid(cls, lengths: list[int]) -> list[int]:
+        if not lengths or any(n < 1 for n in lengths) or len(set(lengths)) != len(lengths):
+            raise ValueError("data.babilong.lengths needs distinct segment counts >= 1")
+        return sorted(lengths)
+
+
 class DataConfig(Section):
     source: str = "synthetic:200"
-    """synthetic:N, a folder of .txt/.txt.gz books, a .jsonl or .parquet file, or hf:ID[:split]."""
+    """synthetic:N, a folder of .txt/.txt.gz books, a .jsonl or .parquet file, hf:ID[:split], or babilong:qa1[,...]."""
     output_dir: str = "runs/demo/data"
     text_field: str = "text"
     """Field holding the book text in JSONL/Parquet/hf records."""
@@ -73,6 +106,7 @@ class DataConfig(Section):
     plan_wait_s: float = Field(21600, ge=0)
     """Array tasks other than 0 wait this long for task 0's plan.json (book list and tokenizer)."""
     synthetic: SyntheticConfig = SyntheticConfig()
+    babilong: BabilongDataConfig = BabilongDataConfig()
 
     @property
     def sample_len(self) -> int:
@@ -171,6 +205,23 @@ class TrainConfig(Section):
         return stages
 
 
+class BabilongEvalConfig(Section):
+    """``memtrain eval --task babilong``: question-answering accuracy against context length."""
+
+    source: str | None = None
+    """Samples: unset = generated like the run's babilong prep (test split); a babilong prep folder; hf:RMT-team/babilong; a local .parquet/.jsonl with input, question, target."""
+    lengths: list[int] | None = None
+    """Context lengths in segments for generated samples (default 1, 2, 4, ... up to 16x the training length); hf: length configs are `configs`."""
+    configs: list[str] = ["0k", "1k", "2k", "4k"]
+    """Length configs of an hf:RMT-team/babilong source."""
+    tasks: list[str] | None = None
+    """Tasks scored (default: the run's babilong tasks; qa1..qa5 for official data)."""
+    samples: int = Field(100, ge=1)
+    """Samples per (task, length)."""
+    max_new_tokens: int = Field(5, ge=1)
+    """Greedy tokens generated after the question (the official protocol uses about 20 for LLMs)."""
+
+
 class EvalConfig(Section):
     """Per-segment perplexity (``memtrain eval`` and the periodic eval during training)."""
 
@@ -184,6 +235,7 @@ class EvalConfig(Section):
     """A `none` run's train.output_dir, evaluated on the same samples by `memtrain eval`."""
     history_target: bool = False
     """Also score only the last segment of each sample given h = 0..n-1 segments of history."""
+    babilong: BabilongEvalConfig = BabilongEvalConfig()
 
 
 class TrackingConfig(Section):
@@ -269,7 +321,25 @@ class ExperimentConfig(Section):
                     f"train.curriculum asks for {stage.n_segments} segments but samples hold "
                     f"data.n_segments={self.data.n_segments}"
                 )
+        if self.data.source.startswith("babilong:"):
+            self._babilong_checks()
         return self
+
+    def _babilong_checks(self) -> None:
+        """QA samples are never truncated: each step trains on samples of exactly its segment count."""
+        lengths = self.data.babilong.lengths
+        if self.data.n_segments != max(lengths):
+            raise ValueError(f"data.n_segments={self.data.n_segments} must be the longest of "
+                             f"data.babilong.lengths={lengths}")
+        stages = [s.n_segments for s in self.train.curriculum] or [self.data.n_segments]
+        missing = [n for n in stages if n not in lengths]
+        if missing:
+            raise ValueError(f"train.curriculum trains on {missing[0]} segments but data.babilong.lengths={lengths} "
+                             f"has no samples of that length")
+        if self.train.random_truncation:
+            raise ValueError("train.random_truncation would cut the question off QA samples; use train.curriculum")
+        if self.data.babilong.min_facts > self.data.babilong.max_facts:
+            raise ValueError("data.babilong.min_facts is above data.babilong.max_facts")
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, for MLflow params."""
