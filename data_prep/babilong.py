@@ -157,9 +157,9 @@ class SampleMaker:
         """``count`` samples of each length (lengths in order), tasks taking turns."""
         pools = split_stories(self.data, self.tasks, {split: count * len(lengths)})[split]
         cursor = dict.fromkeys(self.tasks, 0)
-        for n in lengths:
+        for k, n in enumerate(lengths):
             for i in range(count):
-                task = self.tasks[i % len(self.tasks)]
+                task = self.tasks[(k * count + i) % len(self.tasks)]
                 story = pools[task][cursor[task]]
                 cursor[task] += 1
                 rng = np.random.default_rng([self.data.seed, SPLITS.index(split), n, i])

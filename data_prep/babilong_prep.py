@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from data_prep import plan as plans
 from data_prep.atomic import write_json
-from data_prep.babi import parse_tasks
+from data_prep.babi import TASKS, generate_stories, parse_tasks
 from data_prep.babilong import (PROMPT, Sample, SampleMaker, background_texts, load_backgrounds, question_prompt,
                                 split_stories)
 from data_prep.manifest import MANIFEST, SCHEMA_VERSION
@@ -94,8 +95,10 @@ def prepare_babilong(cfg, shard_index: int | None, num_shards: int | None):
     if data.tokenizer is not None:
         install_tokenizer(data.tokenizer, tokenizer_dir)
     else:
-        story_text = "\n".join(" ".join([*s.facts, question_prompt(s.question), s.answer + "."])
-                               for pool in stories.values() for s in pool[:5000])
+        # the train stories plus a fixed sample of every task: bAbI's words get pieces of their own
+        vocabulary = [s for task in TASKS for s in islice(generate_stories(task, 0, 2, 10), 400)]
+        pool = [s for pool in stories.values() for s in pool[:5000]] + vocabulary
+        story_text = "\n".join(" ".join([*s.facts, question_prompt(s.question), s.answer + "."]) for s in pool)
         texts = [story_text] + [text for split, _, text in books if split == "train"]
         train_sentencepiece(training_lines(texts), data, tokenizer_dir)
     info = describe(tokenizer_dir)

@@ -65,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     train.add_argument("--nproc", type=int, default=1, help="start N local ranks with torchrun")
 
-    evaluate = commands.add_parser("eval", help="per-segment perplexity of a checkpoint")
+    evaluate = commands.add_parser("eval", help="per-segment perplexity (or BABILong accuracy) of a checkpoint")
     evaluate.add_argument("--checkpoint", required=True, help="train.output_dir or one checkpoint folder in it")
     evaluate.add_argument("--json", default=None, metavar="OUT", help="also write the table as JSON")
+    evaluate.add_argument("--task", choices=["ppl", "babilong"], default="ppl",
+                          help="ppl: per-segment perplexity; babilong: QA accuracy against context length")
     add_config_arguments(evaluate, required=False)
 
     export = commands.add_parser("export", help="checkpoint -> Hugging Face folder (and Hub)")

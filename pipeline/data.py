@@ -86,6 +86,49 @@ class TrainBatches:
         return batches
 
 
+@dataclass
+class LengthPools:
+    """QA samples (``n_segments`` column) are never truncated: a step of n segments takes samples of
+    exactly n segments (left-aligned, so cutting the row to n segments drops only padding). Each length
+    is its own TrainBatches walk; the position is one DataPosition per length."""
+
+    dataset: Any
+    plan: BatchPlan
+    rank: int
+    segment_len: int
+    seed: int
+    positions: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        lengths = np.asarray(self.dataset["n_segments"])
+        self.pools = {int(n): TrainBatches(self.dataset.select(np.flatnonzero(lengths == n)), self.plan, self.rank,
+                                           self.segment_len, self.seed + int(n),
+                                           DataPosition(**self.positions.get(str(int(n)), {})))
+                      for n in np.unique(lengths)}
+
+    @property
+    def position(self) -> "LengthPools":
+        return self  # as_dict() below is what the checkpoint stores
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pools": {str(n): pool.position.as_dict() for n, pool in self.pools.items()}}
+
+    def next_step(self, n_segments_per_micro: list[int]) -> list[MicroBatch]:
+        n = n_segments_per_micro[0]
+        if n not in self.pools or any(c != n for c in n_segments_per_micro):
+            raise UserError(f"no training samples of {n} segments (the data has {sorted(self.pools)})")
+        return self.pools[n].next_step(n_segments_per_micro)
+
+
+def make_train_batches(dataset: Any, plan: BatchPlan, rank: int, segment_len: int, seed: int,
+                       saved: dict[str, Any] | None) -> "TrainBatches | LengthPools":
+    """The walk that fits the data: LengthPools for QA samples, else TrainBatches; ``saved`` is the
+    checkpoint's ``data_position`` (None for a fresh run)."""
+    if "n_segments" in dataset.column_names:
+        return LengthPools(dataset, plan, rank, segment_len, seed, (saved or {}).get("pools", {}))
+    return TrainBatches(dataset, plan, rank, segment_len, seed, DataPosition(**(saved or {})))
+
+
 def to_micro_batch(rows: dict[str, Any], length: int, n_segments: int) -> MicroBatch:
     input_ids = torch.as_tensor(np.stack(rows["input_ids"])[:, :length], dtype=torch.long)
     loss_mask = torch.as_tensor(np.stack(rows["loss_mask"])[:, :length])
@@ -145,4 +188,6 @@ def open_train_split(data_dir: str | Path) -> Any:
     """The train split as a memory-mapped dataset returning numpy rows."""
     from data_prep.shards import open_split
 
-    return open_split(data_dir, "train").with_format("numpy", columns=["input_ids", "loss_mask"])
+    split = open_split(data_dir, "train")
+    columns = ["input_ids", "loss_mask"] + (["n_segments"] if "n_segments" in split.column_names else [])
+    return split.with_format("numpy", columns=columns)

@@ -314,6 +314,10 @@ def run_eval(args: argparse.Namespace) -> int:
     _require_eval_keys(args.overrides)  # before the (slow) checkpoint loads
     run = load_trained_model(args.checkpoint)
     cfg = eval_config(run.cfg, args.config, args.overrides)
+    if getattr(args, "task", "ppl") == "babilong":
+        from pipeline.babilong_eval import run_babilong_eval
+
+        return run_babilong_eval(args, run, cfg)
     baseline = load_trained_model(cfg.eval.baseline) if cfg.eval.baseline else None
     others = {f"the data in {cfg.data.output_dir}": read_manifest(cfg.data.output_dir)}
     if baseline:

@@ -193,7 +193,7 @@ class Trainer:
         import deepspeed
         import deepspeed.comm as dist
 
-        from pipeline.data import DataPosition, TrainBatches, open_train_split
+        from pipeline.data import make_train_batches, open_train_split
         from pipeline.optim import make_optimizer
         from pipeline.progress import Progress
         from pipeline.tracking import start_tracking
@@ -216,14 +216,14 @@ class Trainer:
         optimizer = make_optimizer(model, cfg.train, offload=offloads_optimizer(self.ds_config))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
 
-        self.step, self.tokens_seen, run_id, position = 0, 0, None, DataPosition()
+        self.step, self.tokens_seen, run_id, position = 0, 0, None, None
         rng_states: list[dict[str, Any]] = []
         if self.resume is not None:
             client = self._load_checkpoint(self.resume)
             self.step, self.tokens_seen = client["step"], client["tokens_seen"]
-            position, run_id, rng_states = DataPosition(**client["data_position"]), client["mlflow_run_id"], client["rng"]
-        self.batches = TrainBatches(open_train_split(cfg.data.output_dir), self.plan, dist_env.rank,
-                                    cfg.data.segment_len, cfg.train.seed, position)
+            position, run_id, rng_states = client["data_position"], client["mlflow_run_id"], client["rng"]
+        self.batches = make_train_batches(open_train_split(cfg.data.output_dir), self.plan, dist_env.rank,
+                                          cfg.data.segment_len, cfg.train.seed, position)
         self.tracker = start_tracking(cfg, self.ds_config, run_id=run_id, world_size=dist_env.world_size,
                                       rank=dist_env.rank)
         self.progress = Progress(self.out / "logs" / "train.log", self.step, cfg.train.max_steps,
