@@ -207,3 +207,31 @@ def _teacher_forced(model, samples: list[QASample], pad_id: int):
         p = len(s.prompt)
         right.append(bool((predicted[j, p - 1:p - 1 + len(s.answer)] == ids[j, p:p + len(s.answer)]).all()))
     return right
+
+
+def answer_accuracy_by_task(model, dataset, segment_len: int, batch_size: int, per_length: int) -> dict[str, float]:
+    """Teacher-forced answer accuracy per task on the first ``per_length`` QA samples of each length of a
+    prep split (the periodic eval during training). Every rank makes the same calls on the same samples
+    (ZeRO-3 gathers parameters collectively), so every rank gets the same numbers without a reduce."""
+    import torch
+
+    lengths = np.asarray(dataset["n_segments"])
+    right: dict[str, list[bool]] = {}
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for n in np.unique(lengths):
+                members = np.flatnonzero(lengths == n)[:per_length].tolist()
+                for start in range(0, len(members), batch_size):
+                    rows = dataset[members[start:start + batch_size]]
+                    ids = torch.as_tensor(np.stack(rows["input_ids"])[:, :n * segment_len], dtype=torch.long)
+                    answer = torch.as_tensor(np.stack(rows["recall_mask"])[:, :n * segment_len]).bool()
+                    predicted = model(input_ids=ids.to(device)).logits.argmax(-1).cpu()
+                    hit = (predicted[:, :-1] == ids[:, 1:]) | ~answer[:, 1:]
+                    for task, ok in zip(rows["task"], hit.all(dim=1).tolist()):
+                        right.setdefault(str(task), []).append(ok)
+    finally:
+        model.train(was_training)
+    return {task: sum(oks) / len(oks) for task, oks in sorted(right.items())}

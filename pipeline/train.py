@@ -332,14 +332,29 @@ class Trainer:
         if self._eval_split is None:
             self._eval_split = open_split(self.cfg.data.output_dir, self.cfg.eval.split)
         result = evaluate_model(self.engine, self._eval_split, self.cfg, n_segments=self.cfg.data.n_segments)
+        qa = self._answer_accuracy()
         if not self.env.is_main:
             return
+        if qa:
+            self.tracker.log_metrics({f"eval/babilong_{task}_tf_accuracy": acc for task, acc in qa.items()}, step=self.step)
+            self.progress.info(f"eval at step {self.step}: teacher-forced answer accuracy "
+                               + " ".join(f"{task} {acc:.3f}" for task, acc in qa.items()))
         files = save_eval(result, self.out / "eval", checkpoint.tag_for(self.step))
         self.tracker.log_eval(result, step=self.step, files=files)
         if final:
             self.tracker.log_final_curve(result, files=files)
         self.progress.info(f"eval at step {self.step}: {self.cfg.eval.split} ppl {result.ppl:.3f}, by segment "
                            + " ".join(f"{row.ppl:.2f}" for row in result.segments))
+
+    def _answer_accuracy(self) -> dict[str, float]:
+        """Per-task answer accuracy on QA (babilong) data, {} on books. Collective, like the eval."""
+        if "n_segments" not in self._eval_split.column_names:
+            return {}
+        from pipeline.babilong_qa import answer_accuracy_by_task
+
+        split = self._eval_split.with_format("numpy", columns=["input_ids", "recall_mask", "n_segments", "task"])
+        return answer_accuracy_by_task(self.engine, split, self.cfg.data.segment_len, self.cfg.eval.batch_size,
+                                       self.cfg.eval.max_samples)
 
     def _save(self, reason: str) -> None:
         from pipeline.data import curriculum_segments

@@ -137,3 +137,33 @@ def test_a_run_not_trained_on_babilong_needs_a_source(run: TrainedModel) -> None
     cfg = run.cfg.model_copy(update={"data": run.cfg.data.model_copy(update={"source": "synthetic:4"})})
     with pytest.raises(UserError, match="was not trained on babilong data: set eval.babilong.source"):
         load_samples(run._replace(cfg=cfg), cfg.eval.babilong, run.run_dir / "tokenizer")
+
+
+class Oracle(torch.nn.Module):
+    """Logits that put the next token (``shift`` 1) or the current one (``shift`` 0) first: position
+    alignment of the teacher-forced accuracies, checked with a model that is all right or all wrong."""
+
+    def __init__(self, shift: int, vocab: int) -> None:
+        super().__init__()
+        self.shift, self.vocab, self.weight = shift, vocab, torch.nn.Parameter(torch.zeros(1))
+        self.config = type("C", (), {"segment_len": SEG, "memory_kind": "rmt", "max_positions": 64})()
+
+    def forward(self, input_ids):
+        target = torch.roll(input_ids, -self.shift, dims=1)
+        return type("O", (), {"logits": torch.nn.functional.one_hot(target, self.vocab).float()})()
+
+
+@pytest.mark.parametrize("shift, expected", [(1, 1.0), (0, 0.0)])
+def test_teacher_forced_accuracies_align_positions(run: TrainedModel, shift: int, expected: float) -> None:
+    from data_prep.shards import open_split
+    from pipeline.babilong_qa import _teacher_forced, answer_accuracy_by_task
+
+    oracle = Oracle(shift, run.manifest["vocab_size"])
+    split = open_split(run.cfg.data.output_dir, "test").with_format("numpy")
+    assert answer_accuracy_by_task(oracle, split, SEG, batch_size=3, per_length=10) == {"qa1": expected}
+    samples = [s for s in prep_samples(run.cfg.data.output_dir, [2], SEG, limit=10)]
+    by_len = {}
+    for s in samples:
+        by_len.setdefault(len(s.prompt), []).append(s)
+    forced = [ok for group in by_len.values() for ok in _teacher_forced(oracle, group, run.manifest["pad_token_id"])]
+    assert forced and all(ok == bool(expected) for ok in forced)
