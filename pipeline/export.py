@@ -13,6 +13,7 @@ end, so ``--out`` is either the previous content or a complete export, never hal
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -122,7 +123,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
             vocab_size=manifest["vocab_size"],
         )
         evaluation = copy_evaluation(train_dir, step, staging)
-        card = render_model_card(cfg, model_name or out.name, facts, evaluation)
+        card = render_model_card(cfg, model_name or out.name, facts, evaluation, babilong_rows(train_dir))
         (staging / "README.md").write_text(card)
         apply_umask(staging)
         publish(staging, out, force)
@@ -140,6 +141,12 @@ def eval_file(train_dir: Path, step: int) -> Path | None:
         return exact
     found = sorted(folder.glob("step_*.json"))
     return found[-1] if found else None
+
+
+def babilong_rows(train_dir: Path) -> list[dict] | None:
+    """The rows of the newest ``memtrain eval --task babilong`` of the run (for the card's model-index)."""
+    found = sorted((train_dir / "eval").glob("babilong_step_*.json"))
+    return json.loads(found[-1].read_text())["babilong"] if found else None
 
 
 def copy_evaluation(train_dir: Path, step: int, staging: Path) -> "CardEvaluation | None":

@@ -63,7 +63,17 @@ def card_tags(cfg: ExperimentConfig) -> list[str]:
     return list(dict.fromkeys([*tags, *cfg.export.tags]))
 
 
-def card_metadata(cfg: ExperimentConfig, model_name: str, evaluation: CardEvaluation | None, facts: TrainingFacts) -> ModelCardData:
+def babilong_results(rows: list[dict]) -> list[HubEvalResult]:
+    """One model-index entry per (task, context length) of a ``memtrain eval --task babilong`` JSON."""
+    return [HubEvalResult(task_type="question-answering", dataset_type="RMT-team/babilong",
+                          dataset_name=f"BABILong {r['task']} ({r['length_tokens']} tokens)", dataset_config=r["task"],
+                          metric_type="accuracy", metric_value=r["accuracy"],
+                          metric_name=f"BABILong {r['task']} accuracy at {r['length_tokens']} tokens")
+            for r in rows if r.get("accuracy") is not None]
+
+
+def card_metadata(cfg: ExperimentConfig, model_name: str, evaluation: CardEvaluation | None, facts: TrainingFacts,
+                  babilong: list[dict] | None = None) -> ModelCardData:
     datasets = hub_dataset_ids(cfg.data.source)
     results = None
     if evaluation is not None and evaluation.step == facts.step:
@@ -76,6 +86,8 @@ def card_metadata(cfg: ExperimentConfig, model_name: str, evaluation: CardEvalua
             HubEvalResult(**common, metric_value=round(evaluation.segment_perplexity[-1], 4),
                           metric_name="Perplexity (last segment)"),
         ]
+    if babilong:
+        results = [*(results or []), *babilong_results(babilong)]
     return ModelCardData(
         license=cfg.export.license,
         library_name="transformers",
@@ -159,9 +171,9 @@ Per-segment negative log-likelihood: pass `labels` (-100 = not a target; any len
 
 
 def render_model_card(cfg: ExperimentConfig, model_name: str, facts: TrainingFacts,
-                      evaluation: CardEvaluation | None) -> str:
+                      evaluation: CardEvaluation | None, babilong: list[dict] | None = None) -> str:
     """The full README.md text: YAML front matter, then the markdown body."""
-    metadata = card_metadata(cfg, model_name, evaluation, facts).to_yaml()
+    metadata = card_metadata(cfg, model_name, evaluation, facts, babilong).to_yaml()
     description = MEMORY_DESCRIPTIONS[cfg.memory.kind].format(m=cfg.memory.num_tokens)
     return f"""---
 {metadata}

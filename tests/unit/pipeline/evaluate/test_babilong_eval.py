@@ -167,3 +167,13 @@ def test_teacher_forced_accuracies_align_positions(run: TrainedModel, shift: int
         by_len.setdefault(len(s.prompt), []).append(s)
     forced = [ok for group in by_len.values() for ok in _teacher_forced(oracle, group, run.manifest["pad_token_id"])]
     assert forced and all(ok == bool(expected) for ok in forced)
+
+
+def test_export_model_index_entries() -> None:
+    from pipeline.model_card import babilong_results
+
+    rows = [{"task": "qa1", "length_tokens": 128, "accuracy": 0.9}, {"task": "qa1", "length_tokens": 4096,
+                                                                       "accuracy": None}]
+    (entry,) = babilong_results(rows)
+    assert (entry.metric_type, entry.metric_value, entry.dataset_config) == ("accuracy", 0.9, "qa1")
+    assert "128 tokens" in entry.metric_name
