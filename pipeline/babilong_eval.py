@@ -20,6 +20,7 @@ from typing import Any
 from pipeline.babilong_qa import (QASample, answer_model, generated_samples, official_records, official_samples,
                                   prep_samples)
 from pipeline.errors import UserError
+from pipeline.evaluate import _write_atomic
 
 STEM = "babilong_step_{step:08d}"
 
@@ -89,7 +90,7 @@ def format_table(rows: list[dict[str, Any]], baseline: str | None) -> str:
     body = [[task, *(text(task, n) for n in lengths)] for task in tasks]
     widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(header))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [header, *body]]
-    legend = f"accuracy (generation, official scoring)" + (f" / baseline {baseline}" if baseline else "")
+    legend = "accuracy (generation, official scoring)" + (f" / baseline {baseline}" if baseline else "")
     return legend + "\n" + "\n".join(lines)
 
 
@@ -170,17 +171,10 @@ def run_babilong_eval(args: argparse.Namespace, run, cfg) -> int:
     print(format_table(rows, names.get("baseline")))
     payload = json.dumps({"babilong": rows, "models": names, "step": run.step}, indent=2) + "\n"
     stem = STEM.format(step=run.step)
-    files = [_write(run.run_dir / "eval" / f"{stem}.json", payload), plot(rows, run.run_dir / "eval" / f"{stem}.png", names)]
+    files = [_write_atomic(run.run_dir / "eval" / f"{stem}.json", payload), plot(rows, run.run_dir / "eval" / f"{stem}.png", names)]
     if args.json:
-        files.insert(0, _write(Path(args.json), payload))
+        files.insert(0, _write_atomic(Path(args.json), payload))
     log_to_run(run, rows, files)
     print("wrote " + ", ".join(str(p) for p in files))
     return 0
 
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path

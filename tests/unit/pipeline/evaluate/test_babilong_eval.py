@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
 import torch
 
