@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from pipeline.babilong_eval import evaluate_runs
@@ -32,7 +33,7 @@ def read_speed(run, n_segments: int, samples: int) -> float:
     started = time.perf_counter()
     with torch.no_grad():
         for prompts in groups.values():
-            run.model.generate(torch.as_tensor(prompts, dtype=torch.long), max_new_tokens=bl.max_new_tokens)
+            run.model.generate(torch.as_tensor(np.stack(prompts), dtype=torch.long), max_new_tokens=bl.max_new_tokens)
     return sum(len(s.prompt) for s in qa) / (time.perf_counter() - started)
 
 
