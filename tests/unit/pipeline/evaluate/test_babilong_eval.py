@@ -176,3 +176,21 @@ def test_export_model_index_entries() -> None:
     (entry,) = babilong_results(rows)
     assert (entry.metric_type, entry.metric_value, entry.dataset_config) == ("accuracy", 0.9, "qa1")
     assert "128 tokens" in entry.metric_name
+
+
+def test_metrics_go_to_the_checkpoints_mlflow_run_with_length_as_step(run: TrainedModel, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from pipeline.babilong_eval import log_to_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("babilong")).info.run_id
+    cfg = run.cfg.model_copy(update={"tracking": run.cfg.tracking.model_copy(update={"uri": uri})})
+    rows = [{"task": "qa1", "length_tokens": n, "accuracy": a, "tf_accuracy": a, "baseline_accuracy": 0.2}
+            for n, a in ((32, 0.9), (512, 0.7))]
+    (tmp_path / "t.json").write_text("{}")
+    log_to_run(run._replace(cfg=cfg, state={"mlflow_run_id": run_id}), rows, [tmp_path / "t.json"])
+    history = client.get_metric_history(run_id, "babilong/qa1_accuracy")
+    assert sorted((p.step, p.value) for p in history) == [(32, 0.9), (512, 0.7)]
+    assert [a.path for a in client.list_artifacts(run_id, "eval/babilong")] == ["eval/babilong/t.json"]
