@@ -21,6 +21,8 @@ class MemoryModelConfig(PretrainedConfig):
     memory_init_std: std of the learned memory tokens; None = the decoder's ``initializer_range``.
     segment_checkpointing: recompute each segment in the backward pass (activation memory stays
         flat in the number of segments).
+    fused_head: compute the LM head's loss and gradients in one chunked pass (no full logits, no
+        head recompute under segment checkpointing); False = plain logits + cross-entropy.
     """
 
     model_type = "memtrain_memory"
@@ -35,6 +37,7 @@ class MemoryModelConfig(PretrainedConfig):
     armt_d_mem: int = 64
     memory_init_std: float | None = None
     segment_checkpointing: bool = False
+    fused_head: bool = True
     vocab_size: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None

@@ -8,7 +8,7 @@ The file reads top to bottom like a transformers modeling file:
 3. padding: left/right padded rows are moved to a common start and back;
 4. the model, ``MemoryModelForCausalLM``: HF ``forward`` and ``generate``.
 
-Self-contained: this file and ``configuration_memtrain.py`` are copied next to exported weights, so
+Self-contained: this file, ``fused_head.py`` and ``configuration_memtrain.py`` are copied next to exported weights, so
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without memtrain.
 
 ZeRO-3: a parameter is only read inside the forward of the module that owns it. Every memory kind's
@@ -30,8 +30,8 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_memtrain import MemoryModelConfig
+from .fused_head import IGNORE_INDEX, HeadGradients, attach_head_gradients, linear_cross_entropy
 
-IGNORE_INDEX = -100
 EPS = 1e-5
 State = tuple[torch.Tensor, ...]
 
@@ -324,8 +324,11 @@ def decoder_layers(decoder: PreTrainedModel) -> nn.ModuleList:
 # (d + 1)x the compute of a segment when 0 < d < n_segments - 1; d = 0 and d = -1 (or
 # d >= n_segments - 1) run a single version.
 #
-# Each step returns only (next state, NLL sum, target count[, per-token NLL]); logits never outlive
-# their step, so with segment checkpointing activation memory is flat in the segment count.
+# Each step returns only (next state, hidden states); the head's loss runs after it, outside the
+# checkpointed step: fused (``fused_head``: the loss and its gradients in one chunked pass, so the
+# backward recomputes only the decoder, and full logits never exist) when the head is a plain
+# Linear, else through full logits in a checkpoint of its own. Only (state, NLL sum, count, and the
+# gradient at the hidden states) outlive a step: activation memory is flat in the segment count.
 
 
 @dataclass
@@ -356,6 +359,32 @@ def _maybe_checkpoint(enabled: bool, fn: Callable, *args):
     return checkpoint(fn, *args, use_reentrant=False) if enabled else fn(*args)
 
 
+class SegmentLoss:
+    """Collects (NLL sum, count[, per-position NLL]) per segment and stacks them into SegmentStats."""
+
+    def __init__(self, head: Callable, fused: bool, checkpointing: bool, per_token: bool):
+        self.head, self.checkpointing, self.per_token = head, checkpointing, per_token
+        self.grads = HeadGradients() if fused and isinstance(head, nn.Linear) else None
+        self.nll, self.counts, self.token_nll = [], [], []
+
+    def add(self, hidden: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.grads is not None:
+            stats = linear_cross_entropy(self.head, hidden, targets, self.grads, self.per_token)
+        else:
+            stats = _maybe_checkpoint(self.checkpointing, lambda h, t: head_loss(self.head, h, t, self.per_token),
+                                      hidden, targets)
+        self.nll.append(stats[0])
+        self.counts.append(stats[1])
+        if self.per_token:
+            self.token_nll.append(stats[2])
+
+    def stats(self) -> SegmentStats:
+        nll = torch.stack(self.nll)
+        if self.grads is not None:
+            nll = attach_head_gradients(self.head, nll, self.grads)
+        return SegmentStats(nll, torch.stack(self.counts), _to_target_frame(self.token_nll) if self.per_token else None)
+
+
 def _split_versions(state: State, copies: int) -> list[State]:
     return [tuple(t.chunk(copies)[i] for t in state) for i in range(copies)]
 
@@ -365,14 +394,13 @@ def _spans(total: int, step_len: int) -> list[tuple[int, int]]:
     return [(start, min(start + step_len, total)) for start in range(0, total, step_len)]
 
 
-def run_segments(memory: MemoryKind, backbone: nn.Module, head: Callable, embeds: torch.Tensor,
-                 targets: torch.Tensor, bptt_depth: int, checkpointing: bool, per_token: bool) -> SegmentStats:
+def run_segments(memory: MemoryKind, backbone: nn.Module, loss: SegmentLoss, embeds: torch.Tensor,
+                 targets: torch.Tensor, bptt_depth: int, checkpointing: bool) -> SegmentStats:
     """Loss statistics of a recurrent pass over ``embeds`` [B, T, d] (the last segment may be short)."""
     batch = embeds.shape[0]
     spans = _spans(embeds.shape[1], memory.step_len(embeds.shape[1]))
     truncated = memory.carries_state and torch.is_grad_enabled() and 0 <= bptt_depth < len(spans) - 1
     versions: list[State | None] = [None]
-    nll, counts, token_nll = [], [], []
     for k, (start, end) in enumerate(spans):
         write = k < len(spans) - 1
         copies = len(versions)
@@ -380,37 +408,28 @@ def run_segments(memory: MemoryKind, backbone: nn.Module, head: Callable, embeds
         segment = embeds[:, start:end]
         segment = segment.repeat(copies, 1, 1) if copies > 1 else segment
 
-        def step(stacked_state, segment, seg_targets, write=write):
+        def step(stacked_state, segment, write=write):
             hidden, next_state = memory(backbone, stacked_state, segment, write)
-            return next_state, head_loss(head, hidden[-batch:], seg_targets, per_token)
+            return next_state, hidden[-batch:]
 
-        next_state, stats = _maybe_checkpoint(checkpointing, step, stacked, segment, targets[:, start:end])
-        nll.append(stats[0])
-        counts.append(stats[1])
-        if per_token:
-            token_nll.append(stats[2])
+        next_state, hidden = _maybe_checkpoint(checkpointing, step, stacked, segment)
+        loss.add(hidden, targets[:, start:end])
         if not truncated:
             versions = [next_state]
         else:
             outs = _split_versions(next_state, copies)
             versions = [tuple(t.detach() for t in outs[0])] + outs[:min(copies, bptt_depth)]
-    return SegmentStats(torch.stack(nll), torch.stack(counts), _to_target_frame(token_nll) if per_token else None)
+    return loss.stats()
 
 
-def run_whole(memory: MemoryKind, backbone: nn.Module, head: Callable, embeds: torch.Tensor, targets: torch.Tensor,
-              segment_len: int, checkpointing: bool, per_token: bool) -> SegmentStats:
-    """Loss statistics of one pass over the whole input, still reported per segment (only the head is
-    checkpointed: there is no segment step to recompute)."""
+def run_whole(memory: MemoryKind, backbone: nn.Module, loss: SegmentLoss, embeds: torch.Tensor,
+              targets: torch.Tensor, segment_len: int) -> SegmentStats:
+    """Loss statistics of one pass over the whole input, still reported per segment (there is no segment
+    step to recompute; an unfused head is checkpointed per segment)."""
     hidden = run_hidden(memory, backbone, embeds)
-    nll, counts, token_nll = [], [], []
     for start, end in _spans(embeds.shape[1], segment_len):
-        stats = _maybe_checkpoint(checkpointing, lambda h, t: head_loss(head, h, t, per_token),
-                                  hidden[:, start:end], targets[:, start:end])
-        nll.append(stats[0])
-        counts.append(stats[1])
-        if per_token:
-            token_nll.append(stats[2])
-    return SegmentStats(torch.stack(nll), torch.stack(counts), _to_target_frame(token_nll) if per_token else None)
+        loss.add(hidden[:, start:end], targets[:, start:end])
+    return loss.stats()
 
 
 def _to_target_frame(position_nll: list[torch.Tensor]) -> torch.Tensor:
@@ -600,11 +619,11 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
               num_items_in_batch: int | torch.Tensor | None) -> MemoryModelOutput:
         cfg, backbone, head = self.config, self.decoder.base_model, self.get_output_embeddings()
         checkpointing = cfg.segment_checkpointing and torch.is_grad_enabled()
+        loss = SegmentLoss(head, cfg.fused_head, checkpointing, per_token)
         if self.memory.whole_sample:
-            stats = run_whole(self.memory, backbone, head, embeds, targets, cfg.segment_len, checkpointing, per_token)
+            stats = run_whole(self.memory, backbone, loss, embeds, targets, cfg.segment_len)
         else:
-            stats = run_segments(self.memory, backbone, head, embeds, targets, cfg.bptt_depth, checkpointing,
-                                 per_token)
+            stats = run_segments(self.memory, backbone, loss, embeds, targets, cfg.bptt_depth, checkpointing)
         denominator = stats.tokens.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return MemoryModelOutput(loss=stats.nll.sum() / denominator, segment_nll=stats.nll,
                                  segment_tokens=stats.tokens, token_nll=stats.token_nll)

@@ -40,7 +40,7 @@ CHILD = textwrap.dedent("""
     print(json.dumps(results))
 """)
 
-SAVED_CODE = {"modeling_memtrain.py", "configuration_memtrain.py"}
+SAVED_CODE = {"modeling_memtrain.py", "configuration_memtrain.py", "fused_head.py"}
 
 
 def test_export_loads_without_the_project(tmp_path: Path):
