@@ -2,23 +2,21 @@
 
 For rmt, armt, none and full (full only while the whole sample fits the positions), with and
 without segment checkpointing, n_segments in {1, 2, 4, 8, 16, 32}, all the same GPT-2-style size;
+plus rmt with segment checkpointing and the plain (unfused) LM head, which the backward recomputes;
 plus the PyPI package recurrent-memory-transformer-pytorch at a matched size (dim, depth, heads,
 feed-forward, memory tokens, segment length, vocabulary; no XL memories, no hyper-connections) as a
 peer, with plain backprop and with its memory-replay backprop (its answer to checkpointing).
 
 A step is forward + backward + AdamW on one batch. Each configuration runs in a child forked from
-a lean parent (libraries imported, nothing computed). Memory: the child resets its peak-RSS mark
-(/proc/self/clear_refs), builds the model and runs one warm-up step; "peak MB" is VmHWM minus
-the starting RSS (model, gradients, AdamW state, activations). For that step glibc's mmap
-threshold is 16 KiB: at its default, freed activations under 128 KiB stay in a heap fragmented by
-long-lived autograd nodes, and RSS grows with the segment count while live tensors do not
-(measured: +3.7 MB per segment at 8 layers, +0.4 MB at 16 KiB); at 16 KiB freed tensors go back
-to the OS, as a GPU caching allocator's peak would count them. Time: the median of the following
-steps, with the threshold back up (32 MiB, glibc's own ceiling) so allocation costs what it
-usually does.
-mfu = rmt's model FLOP/s (matmuls and attention counted
-from the architecture, 3x forward for a training step, recomputation not counted) over the fp32
-matmul peak of this machine, measured here with torch.mm on the same threads.
+a lean worker (libraries imported, nothing computed). The workers are started with an allocator
+set-up, as users run it: ``project`` is what memtrain gives its CPU ranks
+(``pipeline.allocator``), ``glibc`` is plain glibc with its defaults; everything runs under the
+project's set-up, and rmt with checkpointing at 2 and 32 segments also under plain glibc. "peak
+MB" is the child's VmHWM over its warm-up and timed steps minus its starting RSS (model,
+gradients, AdamW state, activations and whatever the allocator keeps). Time: the median of the
+steps after the warm-up. mfu = rmt's model FLOP/s (matmuls and attention counted from the
+architecture, 3x forward for a training step, recomputation not counted) over the fp32 matmul
+peak of this machine, measured here with torch.mm on the same threads.
 
     .venv/bin/python bench/model_step.py [--hidden 128 --layers 4 --segment-len 64 --memory 4 --threads 1]
 """
@@ -26,22 +24,20 @@ matmul peak of this machine, measured here with torch.mm on the same threads.
 from __future__ import annotations
 
 import argparse
-import ctypes
+import json
 import multiprocessing
+import os
 import statistics
+import subprocess
+import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
-from pipeline.config import load_config
-from pipeline.models import build_model
-
 SEGMENTS = (1, 2, 4, 8, 16, 32)
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 KINDS = ("rmt", "armt", "none", "full")
+RSS_SEGMENTS = (2, 32)
 
 
 @dataclass(frozen=True)
@@ -49,6 +45,8 @@ class Spec:
     model: str  # a memory kind, or "peer"
     checkpointing: bool
     n_segments: int
+    fused_head: bool = True
+    allocator: str = "project"  # "project" (memtrain's CPU-rank set-up) or "glibc"
 
 
 def _proc_kb(field: str) -> int:
@@ -59,14 +57,18 @@ def _proc_kb(field: str) -> int:
 
 
 def _build_ours(spec: Spec, args: argparse.Namespace):
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+
     cfg = load_config(None, [
         f"memory.kind={spec.model}", "model.arch=gpt2", f"model.hidden_size={args.hidden}",
         f"model.num_layers={args.layers}", f"model.num_heads={args.heads}", f"model.max_positions={args.max_positions}",
         f"data.segment_len={args.segment_len}", f"data.n_segments={spec.n_segments}",
         f"memory.num_tokens={args.memory}", f"model.segment_checkpointing={str(spec.checkpointing).lower()}"])
     model = build_model(cfg, args.vocab, 1, 2, 0).train()
+    model.config.fused_head = spec.fused_head
 
-    def step(ids: torch.Tensor) -> None:
+    def step(ids):
         model(ids, labels=ids).loss.backward()
 
     return model, step
@@ -74,13 +76,14 @@ def _build_ours(spec: Spec, args: argparse.Namespace):
 
 def _build_peer(spec: Spec, args: argparse.Namespace):
     from recurrent_memory_transformer_pytorch import RecurrentMemoryTransformer, RecurrentMemoryTransformerWrapper
+    import torch
 
     model = RecurrentMemoryTransformerWrapper(RecurrentMemoryTransformer(
         num_tokens=args.vocab, dim=args.hidden, depth=args.layers, heads=args.heads,
         dim_head=args.hidden // args.heads, num_memory_tokens=args.memory, seq_len=args.segment_len,
         use_xl_memories=False, num_residual_streams=1, use_flash_attn=True)).train()
 
-    def step(ids: torch.Tensor) -> None:
+    def step(ids):
         ids = torch.cat([ids, ids[:, :1]], dim=1)  # the peer predicts x[1:] from x[:-1]
         if spec.checkpointing:
             model(ids, memory_replay_backprop=True)  # runs its own backward
@@ -91,9 +94,9 @@ def _build_peer(spec: Spec, args: argparse.Namespace):
 
 
 def _run(spec: Spec, args: argparse.Namespace, conn) -> None:
+    import torch
+
     warnings.filterwarnings("ignore")
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(M_MMAP_THRESHOLD, 16 * 1024)
     Path("/proc/self/clear_refs").write_text("5")
     start_kb = _proc_kb("VmRSS")
     torch.manual_seed(0)
@@ -108,14 +111,14 @@ def _run(spec: Spec, args: argparse.Namespace, conn) -> None:
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - started
 
-    train_step()  # warm-up, and the memory measurement
-    peak_mb = (_proc_kb("VmHWM") - start_kb) / 1024
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    train_step()  # warm-up
     times = [train_step() for _ in range(args.steps)]
-    conn.send({"step_s": statistics.median(times), "peak_mb": peak_mb})
+    conn.send({"step_s": statistics.median(times), "peak_mb": (_proc_kb("VmHWM") - start_kb) / 1024})
 
 
 def _peak_flops(conn, size: int = 2048, repeats: int = 5) -> None:
+    import torch
+
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
     best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
@@ -140,6 +143,41 @@ def in_child(target, *args):
         raise RuntimeError(f"{target.__name__}{args[:1]} died (exit code {child.join() or child.exitcode})") from None
     finally:
         child.join()
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Run the specs on stdin (JSON lines), one forked child each; one JSON result line each on stdout."""
+    import torch
+
+    import pipeline.models  # noqa: F401  (imported once here, shared by the forked children)
+
+    torch.set_num_threads(args.threads)
+    for line in sys.stdin:
+        request = json.loads(line)
+        result = in_child(_peak_flops) if request == "peak" else in_child(_run, Spec(**request), args)
+        print(json.dumps(result), flush=True)
+
+
+def start_worker(allocator: str, argv: list[str]) -> subprocess.Popen:
+    """A worker process under an allocator set-up (environment variables act at process start)."""
+    from pipeline import allocator as alloc
+
+    env = dict(os.environ)
+    for name in alloc.VARIABLES:
+        env.pop(name, None)
+    if allocator == "project":
+        env.update(alloc.cpu_rank_environment(env))
+    return subprocess.Popen([sys.executable, __file__, "--worker", *argv], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+
+
+def ask(proc: subprocess.Popen, request) -> dict | float:
+    proc.stdin.write(json.dumps(request) + "\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the benchmark worker died on {request}")
+    return json.loads(line)
 
 
 def rmt_flops(args: argparse.Namespace, n_segments: int) -> float:
@@ -167,39 +205,62 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads (1: on a shared machine, OpenMP barriers over busy cores make "
                              "multi-thread timings erratic)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args, argv = parser.parse_args(), [a for a in sys.argv[1:] if a != "--worker"]
+    if args.worker:
+        return worker(args)
 
-    peak = in_child(_peak_flops)
+    from pipeline import allocator as alloc
+
+    workers = {name: start_worker(name, argv) for name in ("project", "glibc")}
+    peak = ask(workers["project"], "peak")
     specs = [Spec(model, ckpt, n) for model in (*KINDS, "peer") for ckpt in (False, True) for n in SEGMENTS
              if model != "full" or n * args.segment_len <= args.max_positions]
+    specs += [Spec("rmt", True, n, fused_head=False) for n in SEGMENTS]
+    specs += [Spec("rmt", True, n, allocator="glibc") for n in RSS_SEGMENTS]
     print(f"size: GPT-2 style d={args.hidden} x{args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
           f"segment {args.segment_len}, memory {args.memory}, batch {args.batch}; {args.threads} threads, "
-          f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'model':<6}{'ckpt':>6}{'n_seg':>7}{'tokens':>8}{'step s':>9}{'tok/s':>9}{'peak MB':>9}")
+          f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; project allocator set-up: {alloc.describe()}")
+    print(f"{'model':<6}{'ckpt':>6}{'head':>7}{'alloc':>9}{'n_seg':>7}{'tokens':>8}{'step s':>9}{'tok/s':>9}"
+          f"{'peak MB':>9}")
     results = {}
-    for spec in specs:
-        result = results[spec] = in_child(_run, spec, args)
-        tokens = args.batch * spec.n_segments * args.segment_len
-        print(f"{spec.model:<6}{'on' if spec.checkpointing else 'off':>6}{spec.n_segments:>7}{tokens:>8}"
-              f"{result['step_s']:>9.3f}{tokens / result['step_s']:>9.0f}{result['peak_mb']:>9.0f}", flush=True)
+    try:
+        for spec in specs:
+            result = results[spec] = ask(workers[spec.allocator], asdict(spec))
+            tokens = args.batch * spec.n_segments * args.segment_len
+            head = "-" if spec.model == "peer" else "fused" if spec.fused_head else "plain"
+            print(f"{spec.model:<6}{'on' if spec.checkpointing else 'off':>6}{head:>7}{spec.allocator:>9}"
+                  f"{spec.n_segments:>7}{tokens:>8}{result['step_s']:>9.3f}{tokens / result['step_s']:>9.0f}"
+                  f"{result['peak_mb']:>9.0f}", flush=True)
+    finally:
+        for proc in workers.values():
+            proc.stdin.close()
+            proc.wait()
 
-    def total_time(model: str, ckpt: bool, segments=SEGMENTS) -> float:
-        return sum(results[Spec(model, ckpt, n)]["step_s"] for n in segments)
+    def total_time(model: str, ckpt: bool, fused: bool = True) -> float:
+        return sum(results[Spec(model, ckpt, n, fused)]["step_s"] for n in SEGMENTS)
+
+    def rss_ratio(allocator: str) -> float:
+        low, high = (results[Spec("rmt", True, n, allocator=allocator)]["peak_mb"] for n in RSS_SEGMENTS)
+        return high / low
 
     tokens_all = args.batch * args.segment_len * sum(SEGMENTS)
     full_max = max(n for n in SEGMENTS if n * args.segment_len <= args.max_positions)
-    mem_ratio = results[Spec("rmt", True, 32)]["peak_mb"] / results[Spec("rmt", True, 2)]["peak_mb"]
     rmt_vs_none = total_time("rmt", True) / total_time("none", True)
     rmt_vs_peer = total_time("peer", False) / total_time("rmt", False)
+    ckpt_vs_nockpt = total_time("rmt", False) / total_time("rmt", True)
+    fused_vs_plain = total_time("rmt", True, fused=False) / total_time("rmt", True)
     full_vs_rmt = results[Spec("full", True, full_max)]["step_s"] / results[Spec("rmt", True, full_max)]["step_s"]
     mfu = sum(rmt_flops(args, n) for n in SEGMENTS) / total_time("rmt", False) / peak
     print(f"rmt: {tokens_all / total_time('rmt', False):.0f} tok/s without checkpointing, "
-          f"{tokens_all / total_time('rmt', True):.0f} with; peer {tokens_all / total_time('peer', False):.0f} "
-          f"(memory-replay {tokens_all / total_time('peer', True):.0f}); full at {full_max} segments is the "
-          f"widest sample the {args.max_positions} positions allow")
-    print(f"RESULT mem_ratio_32_vs_2={mem_ratio:.3f} rmt_vs_none_time={rmt_vs_none:.3f} "
-          f"rmt_vs_peer_tok_s={rmt_vs_peer:.3f} full_vs_rmt_time_at_max={full_vs_rmt:.3f} mfu={mfu:.3f}")
+          f"{tokens_all / total_time('rmt', True):.0f} with (fused head), "
+          f"{tokens_all / total_time('rmt', True, fused=False):.0f} with the plain head; "
+          f"peer {tokens_all / total_time('peer', False):.0f} (memory-replay {tokens_all / total_time('peer', True):.0f}); "
+          f"full at {full_max} segments is the widest sample the {args.max_positions} positions allow")
+    print(f"RESULT rss_ratio_32_vs_2_default={rss_ratio('project'):.3f} rss_ratio_32_vs_2_glibc={rss_ratio('glibc'):.3f} "
+          f"ckpt_vs_nockpt_tok_s={ckpt_vs_nockpt:.3f} fused_vs_plain_ckpt_tok_s={fused_vs_plain:.3f} "
+          f"rmt_vs_none_time={rmt_vs_none:.3f} rmt_vs_peer_tok_s={rmt_vs_peer:.3f} "
+          f"full_vs_rmt_time_at_max={full_vs_rmt:.3f} mfu={mfu:.3f}")
 
 
 if __name__ == "__main__":

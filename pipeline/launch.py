@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from pipeline import allocator
 from pipeline.errors import UserError
 
 EXIT_PREEMPTED = 85  # "checkpoint saved, please requeue"; pipeline.train re-exports it
@@ -138,12 +139,14 @@ def run_local_ranks(nproc: int, argv: Sequence[str], on_cpu: bool) -> int:
     torchrun's own code path (``torch.distributed.run.run``), so that the ranks'
     exit codes come back: when they all stop with EXIT_PREEMPTED that is this command's code too.
     SIGUSR2/SIGTERM sent to this process are forwarded to the ranks, which save and exit.
+    CPU ranks start with one OpenMP thread and the allocator set-up of ``pipeline.allocator``.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     if on_cpu:
         os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ.update(allocator.cpu_rank_environment())  # read when each rank's process starts
     torchrun_args = parse_args([
         "--standalone", f"--nproc_per_node={nproc}", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",
         "-m", "pipeline.cli", *argv,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import checkpoint, launch
+from pipeline import allocator, checkpoint, launch
 from pipeline.config import ExperimentConfig
 from pipeline.ds_config import batch_plan, offloads_optimizer, resolve_ds_config, zero_stage
 from pipeline.errors import UserError
@@ -172,6 +172,8 @@ def resume_point(ckpt_dir: Path, world_size: int, is_main: bool) -> ResumePoint 
 
 def train(cfg: ExperimentConfig) -> int:
     flag = PreemptionFlag()  # from the start: a signal during set-up stops the run after its first step
+    if not _has_gpu():
+        allocator.tune_this_process()  # a no-op for ranks that started with the set-up (--nproc)
     try:
         dist_env = launch.setup()
         checks = preflight(cfg, dist_env.world_size)
