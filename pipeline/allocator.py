@@ -6,10 +6,11 @@ fragmented by the long-lived tensors that cross segments, so a rank's peak RSS g
 segment count all the same. Measured (``bench/model_step.py``, rmt with segment checkpointing,
 GPT-2 4x256, vocab 8000, 128-token segments, batch 1, peak RSS over the model's start, 2 -> 32
 segments): glibc defaults 153 -> 431 MB (2.8x); a fixed 1 MiB mmap threshold 2.7x; 256 KiB +
-1 MiB trim threshold 1.7x; a 16 KiB mmap threshold 1.17x but every large tensor then costs an
-mmap, fresh zeroed pages and a munmap (slower); jemalloc 138 -> 156 MB (1.13x) at glibc's speed
-or better. So a CPU rank preloads jemalloc where it is installed (Debian: ``libjemalloc2``;
-optional, detected, never required) and otherwise gets the 16 KiB glibc threshold.
+1 MiB trim threshold 1.7x; a 16 KiB mmap threshold 1.17x, but every large tensor then costs an
+mmap, fresh zeroed pages and a munmap (0.86x the tokens per CPU-second of glibc's defaults at 8
+segments); jemalloc 138 -> 156 MB (1.13x) at 1.33x glibc's tokens per CPU-second. So a CPU rank
+preloads jemalloc where it is installed (Debian: ``libjemalloc2``; optional, detected, never
+required) and otherwise gets the 16 KiB glibc threshold (flat, slower).
 
 Environment variables act when a process starts, so ``cpu_rank_environment`` is applied to the
 ranks ``memtrain train --nproc N`` starts (``pipeline.launch``); a single-process CPU run tunes
