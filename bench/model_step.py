@@ -14,9 +14,11 @@ set-up, as users run it: ``project`` is what memtrain gives its CPU ranks
 project's set-up, and rmt with checkpointing at 2 and 32 segments also under plain glibc. "peak
 MB" is the child's VmHWM over its warm-up and timed steps minus its starting RSS (model,
 gradients, AdamW state, activations and whatever the allocator keeps). Time: the median of the
-steps after the warm-up. mfu = rmt's model FLOP/s (matmuls and attention counted from the
-architecture, 3x forward for a training step, recomputation not counted) over the fp32 matmul
-peak of this machine, measured here with torch.mm on the same threads.
+steps after the warm-up, in CPU seconds of the child when it runs one thread (its compute time,
+robust on a shared machine where wall-clock time depends on the neighbours), else wall-clock.
+mfu = rmt's model FLOP/s (matmuls and attention counted from the architecture, 3x forward for a
+training step, recomputation not counted) over the fp32 matmul peak of this machine, measured
+here with torch.mm on the same threads (wall-clock).
 
     .venv/bin/python bench/model_step.py [--hidden 128 --layers 4 --segment-len 64 --memory 4 --threads 1]
 """
@@ -104,12 +106,14 @@ def _run(spec: Spec, args: argparse.Namespace, conn) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(3, args.vocab, (args.batch, spec.n_segments * args.segment_len))
 
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+
     def train_step() -> float:
-        started = time.perf_counter()
+        started = clock()
         step(ids)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - started
+        return clock() - started
 
     train_step()  # warm-up
     times = [train_step() for _ in range(args.steps)]
