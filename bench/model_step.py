@@ -18,7 +18,7 @@ steps after the warm-up, in CPU seconds of the child when it runs one thread (it
 robust on a shared machine where wall-clock time depends on the neighbours), else wall-clock.
 mfu = rmt's model FLOP/s (matmuls and attention counted from the architecture, 3x forward for a
 training step, recomputation not counted) over the fp32 matmul peak of this machine, measured
-here with torch.mm on the same threads (wall-clock).
+here with torch.mm on the same threads and the same clock.
 
     .venv/bin/python bench/model_step.py [--hidden 128 --layers 4 --segment-len 64 --memory 4 --threads 1]
 """
@@ -106,33 +106,32 @@ def _run(spec: Spec, args: argparse.Namespace, conn) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(3, args.vocab, (args.batch, spec.n_segments * args.segment_len))
 
-    clock = time.process_time if args.threads == 1 else time.perf_counter
-
     def train_step() -> float:
-        started = clock()
-        step(ids)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return clock() - started
+        return _timed(lambda: (step(ids), optimizer.step(), optimizer.zero_grad(set_to_none=True)), _clock(args.threads))
 
     train_step()  # warm-up
     times = [train_step() for _ in range(args.steps)]
     conn.send({"step_s": statistics.median(times), "peak_mb": (_proc_kb("VmHWM") - start_kb) / 1024})
 
 
-def _peak_flops(conn, size: int = 2048, repeats: int = 5) -> None:
+def _peak_flops(threads: int, conn, size: int = 2048, repeats: int = 5) -> None:
     import torch
 
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    best = min(_timed(lambda: torch.mm(a, b), _clock(threads)) for _ in range(repeats))
     conn.send(2 * size**3 / best)
 
 
-def _timed(fn) -> float:
-    started = time.perf_counter()
+def _clock(threads: int):
+    """CPU seconds of this process with one thread (robust to a shared machine), else wall-clock."""
+    return time.process_time if threads == 1 else time.perf_counter
+
+
+def _timed(fn, clock) -> float:
+    started = clock()
     fn()
-    return time.perf_counter() - started
+    return clock() - started
 
 
 def in_child(target, *args):
@@ -158,7 +157,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     for line in sys.stdin:
         request = json.loads(line)
-        result = in_child(_peak_flops) if request == "peak" else in_child(_run, Spec(**request), args)
+        result = in_child(_peak_flops, args.threads) if request == "peak" else in_child(_run, Spec(**request), args)
         print(json.dumps(result), flush=True)
 
 
