@@ -159,6 +159,8 @@ class TrainConfig(Section):
     """Run folder: config, checkpoints/, eval/, logs/; rerunning on it resumes from the latest checkpoint."""
     ds_config: str = "ds_configs/zero3_cpu.json"
     """DeepSpeed JSON (relative paths also resolve against the repository); batch fields and clipping are filled from here."""
+    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
+    """Fills the JSON's bf16/fp16 "enabled" where it says "auto" or nothing; an explicit JSON value stands unless this is set and disagrees (an error)."""
     max_steps: int = Field(200, ge=1)
     """Optimizer steps in all."""
     save_every: int = Field(100, ge=1)

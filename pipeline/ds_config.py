@@ -10,6 +10,13 @@ schedule itself, so ``optimizer``/``scheduler`` blocks in the JSON are refused r
 Batch arithmetic: ``global = micro x accum x world``. With ``train.global_batch_size`` set, accum is
 derived from it (so the same run can resume on another world size with the same global batch);
 otherwise ``train.grad_accum`` is used as given.
+
+Every other ``"auto"`` is filled the way transformers' DeepSpeed integration fills it, so an HF-style
+JSON means what its authors expect: ``bf16.enabled``/``fp16.enabled`` from ``train.precision``,
+``reduce_bucket_size = h*h``, ``stage3_prefetch_bucket_size = 0.9*h*h`` and
+``stage3_param_persistence_threshold = 10*h`` from the decoder's hidden size ``h``. An ``"auto"``
+memtrain does not know is a UserError naming the key: DeepSpeed would otherwise silently fall back
+to its defaults (fp32, default buckets).
 """
 
 from __future__ import annotations
@@ -24,7 +31,14 @@ from pipeline.config import ExperimentConfig, TrainConfig
 from pipeline.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PRECISION_BLOCKS = ("bf16", "fp16")
 FILLED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
+# zero_optimization "auto" values from the hidden size h, as transformers.integrations.deepspeed fills them
+BUCKET_RULES = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
 OWNED_BLOCKS = {
     "optimizer": "train.lr, train.betas and train.weight_decay",
     "scheduler": "train.warmup_steps, train.lr and train.min_lr",
@@ -114,7 +128,67 @@ def resolve_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise UserError(f"{source}: zero_optimization.stage must be 0-3, got {stage!r}")
+    _resolve_precision(ds, cfg.train, source)
+    _fill_buckets(ds, cfg)
+    leftover = _auto_keys(ds)
+    if leftover:
+        raise UserError(f"{source} sets {leftover[0]}=\"auto\", which memtrain does not fill; give it a value")
     return ds
+
+
+def _resolve_precision(ds: dict[str, Any], train: TrainConfig, source: str) -> None:
+    """``bf16``/``fp16`` ``enabled`` where the JSON says "auto" or nothing: from ``train.precision``
+    (fp32 by default, as transformers' ``bf16=False``). An explicit JSON value stands unless
+    ``train.precision`` is set and disagrees: then it is a UserError."""
+    for block in PRECISION_BLOCKS:
+        section = ds.get(block) if isinstance(ds.get(block), dict) else {}
+        given, wanted = section.get("enabled", "auto"), train.precision == block
+        if given == "auto":
+            ds[block] = {**section, "enabled": wanted}
+        elif bool(given) != wanted and "precision" in train.model_fields_set:
+            raise UserError(f"{source} sets {block}.enabled={json.dumps(given)} but train.precision is "
+                            f"{train.precision}; use \"auto\" or make them agree")
+    if json_precision(ds) not in ("bf16", "fp16", "fp32"):
+        raise UserError(f"{source} enables both bf16 and fp16; enable one (or set them to \"auto\")")
+
+
+def json_precision(ds: dict[str, Any]) -> str:
+    """"bf16", "fp16" or "fp32": what DeepSpeed will train in with this (resolved) JSON."""
+    enabled = [block for block in PRECISION_BLOCKS if ds.get(block, {}).get("enabled") is True]
+    return "+".join(enabled) or "fp32"
+
+
+def _fill_buckets(ds: dict[str, Any], cfg: ExperimentConfig) -> None:
+    zero = ds.get("zero_optimization")
+    if not isinstance(zero, dict):
+        return
+    h = None
+    for key, value in BUCKET_RULES.items():
+        if zero.get(key) == "auto":
+            h = h or decoder_hidden_size(cfg)
+            zero[key] = value(h)
+
+
+def decoder_hidden_size(cfg: ExperimentConfig) -> int:
+    """The base decoder's hidden size: ``model.hidden_size``, or read from ``model.pretrained``'s config.json."""
+    if not cfg.model.pretrained:
+        return cfg.model.hidden_size
+    config_file = Path(cfg.model.pretrained) / "config.json"
+    try:
+        base = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"model.pretrained: cannot read {config_file}: {err}") from None
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(base.get(key), int):
+            return base[key]
+    raise UserError(f"model.pretrained: {config_file} names no hidden size (hidden_size, n_embd or d_model)")
+
+
+def _auto_keys(tree: Any, prefix: str = "") -> list[str]:
+    """Dotted names of every value still "auto"."""
+    if isinstance(tree, dict):
+        return [name for key, value in tree.items() for name in _auto_keys(value, f"{prefix}{key}.")]
+    return [prefix[:-1]] if tree == "auto" else []
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
@@ -126,5 +200,3 @@ def offloads_optimizer(ds: dict[str, Any]) -> bool:
     return device not in (None, "none")
 
 
-def uses_bf16(ds: dict[str, Any]) -> bool:
-    return bool(ds.get("bf16", {}).get("enabled", False))

@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline import allocator, checkpoint, launch
 from pipeline.config import ExperimentConfig
-from pipeline.ds_config import batch_plan, offloads_optimizer, resolve_ds_config, zero_stage
+from pipeline.ds_config import batch_plan, json_precision, offloads_optimizer, resolve_ds_config, zero_stage
 from pipeline.errors import UserError
 
 EXIT_PREEMPTED = launch.EXIT_PREEMPTED
@@ -235,7 +235,8 @@ class Trainer:
         resumed = f", resumed from {self.resume.tag_dir.name}" if self.resume else ""
         self.progress.info(f"ready in {time.perf_counter() - started:.1f} s: world size {dist_env.world_size}, "
                            f"global batch {self.plan.global_batch} = {self.plan.micro} x {self.plan.accum} x "
-                           f"{self.plan.world}, ZeRO stage {zero_stage(self.ds_config)}, step {self.step}{resumed}")
+                           f"{self.plan.world}, ZeRO stage {zero_stage(self.ds_config)}, {json_precision(self.ds_config)}, "
+                           f"step {self.step}{resumed}")
 
     def _load_checkpoint(self, resume: ResumePoint) -> dict[str, Any]:
         """Weights, optimizer state and our client state. DeepSpeed 0.19.8's universal ZeRO-3 load

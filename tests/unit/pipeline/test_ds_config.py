@@ -3,7 +3,7 @@ import json
 import pytest
 
 from pipeline.config import load_config
-from pipeline.ds_config import batch_plan, resolve_ds_config
+from pipeline.ds_config import batch_plan, json_precision, resolve_ds_config
 from pipeline.errors import UserError
 
 
@@ -54,3 +54,57 @@ def test_missing_json_and_owned_blocks_are_errors(tmp_path) -> None:
     ds_path = write(tmp_path, {"optimizer": {"type": "Adam"}})
     with pytest.raises(UserError, match="remove the 'optimizer' block"):
         resolve_ds_config(load_config(overrides=[f"train.ds_config={ds_path}"]), 1)
+
+
+HF_STYLE = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+            "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                                  "stage3_param_persistence_threshold": "auto"}}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_hf_style_autos_are_filled_like_transformers(tmp_path, precision) -> None:
+    cfg = load_config(overrides=[f"train.ds_config={write(tmp_path, HF_STYLE)}", "model.hidden_size=64",
+                                 f"train.precision={precision}"])
+    ds = resolve_ds_config(cfg, world_size=1)
+    assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (precision == "bf16", precision == "fp16")
+    zero = ds["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (64 * 64, int(0.9 * 64 * 64), 640)
+
+
+def test_hidden_size_of_a_pretrained_base_comes_from_its_config(tmp_path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 48}))
+    cfg = load_config(overrides=[f"train.ds_config={write(tmp_path, HF_STYLE)}", f"model.pretrained={base}",
+                                 "train.precision=bf16"])
+    assert resolve_ds_config(cfg, 1)["zero_optimization"]["reduce_bucket_size"] == 48 * 48
+
+
+def test_precision_absent_from_the_json_is_written_in(tmp_path) -> None:
+    cfg = load_config(overrides=[f"train.ds_config={write(tmp_path, {})}", "train.precision=bf16"])
+    ds = resolve_ds_config(cfg, 1)
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+
+
+def test_explicit_json_precision_stands_when_train_precision_is_not_set(tmp_path) -> None:
+    cfg = load_config(overrides=[f"train.ds_config={write(tmp_path, {'bf16': {'enabled': True}})}"])
+    assert json_precision(resolve_ds_config(cfg, 1)) == "bf16"
+    assert json_precision(resolve_ds_config(load_config(overrides=[f"train.ds_config={write(tmp_path, HF_STYLE)}"]), 1)) == "fp32"
+    both = load_config(overrides=[f"train.ds_config={write(tmp_path, {'bf16': {'enabled': True}, 'fp16': {'enabled': True}})}"])
+    with pytest.raises(UserError, match="enables both bf16 and fp16"):
+        resolve_ds_config(both, 1)
+
+
+def test_precision_contradicting_the_json_is_refused(tmp_path) -> None:
+    cfg = load_config(overrides=[f"train.ds_config={write(tmp_path, {'bf16': {'enabled': True}})}",
+                                 "train.precision=fp32"])
+    with pytest.raises(UserError, match="bf16.enabled=true but train.precision is fp32"):
+        resolve_ds_config(cfg, 1)
+
+
+def test_an_auto_memtrain_does_not_fill_is_refused_with_its_key(tmp_path) -> None:
+    body = {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": "auto"}}
+    cfg = load_config(overrides=[f"train.ds_config={write(tmp_path, body)}"])
+    with pytest.raises(UserError, match=r'zero_optimization.stage3_max_live_parameters="auto", which memtrain'):
+        resolve_ds_config(cfg, 1)
