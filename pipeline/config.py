@@ -248,9 +248,9 @@ class TrackingConfig(Section):
     uri: str | None = None
     """Tracking URI; unset: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
     experiment: str = "memtrain"
-    """MLflow experiment name."""
+    """MLflow experiment name; unset in the config, MLFLOW_EXPERIMENT_ID or MLFLOW_EXPERIMENT_NAME win over the default."""
     run_name: str | None = None
-    """MLflow run name (default: MLflow's)."""
+    """MLflow run name (default: the basename of train.output_dir)."""
     connect_timeout_s: float = Field(5.0, gt=0)
     """How long the start of training waits for an HTTP tracking server before it is an error."""
     flush_timeout_s: float = Field(30.0, ge=0)

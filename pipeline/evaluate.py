@@ -327,10 +327,11 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UserError(f"{what} has another tokenizer or segment length than the checkpoint {args.checkpoint}")
 
     dataset = open_split(cfg.data.output_dir, cfg.eval.split)
-    result = evaluate_model(run.model, dataset, cfg)
+    result = evaluate_model(place_like_training(run.model, run.run_dir), dataset, cfg)
     if baseline:
         base_cfg = baseline.cfg.model_copy(update={"eval": cfg.eval})
-        result = replace(result, baseline=evaluate_model(baseline.model, dataset, base_cfg, len(result.segments)))
+        base_model = place_like_training(baseline.model, baseline.run_dir)
+        result = replace(result, baseline=evaluate_model(base_model, dataset, base_cfg, len(result.segments)))
 
     print(f"{run.run_dir} step {run.step}: {result.n_samples} {cfg.eval.split} samples, "
           f"{len(result.segments)} segments of {result.segment_len} tokens, ppl {result.ppl:.3f}")
@@ -340,6 +341,20 @@ def run_eval(args: argparse.Namespace) -> int:
         saved.insert(0, result.to_json(args.json))
     print("wrote " + ", ".join(str(p) for p in saved))
     return 0
+
+
+def place_like_training(model: "torch.nn.Module", run_dir: Path) -> "torch.nn.Module":
+    """The model on the GPU when there is one, in the precision its run trained in (its ds_config.json),
+    so ``memtrain eval`` scores what training's own eval scored."""
+    import torch
+
+    from pipeline.ds_config import json_precision
+    from pipeline.launch import has_gpu
+
+    ds_file = run_dir / "ds_config.json"
+    precision = json_precision(json.loads(ds_file.read_text())) if ds_file.is_file() else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return model.to(device="cuda" if has_gpu() else "cpu", dtype=dtype)
 
 
 def _require_eval_keys(overrides: list[str]) -> None:

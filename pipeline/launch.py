@@ -2,8 +2,15 @@
 launcher, ``srun``, or nothing at all; and ``--nproc N`` as an in-process torchrun.
 
 Precedence: an explicit ``RANK``/``WORLD_SIZE`` (torchrun, the deepspeed launcher, or a user)
-wins; then ``srun`` (``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_STEP_NUM_TASKS``); otherwise this
-is a single process and gets rank 0 of 1 on 127.0.0.1 with a free port.
+wins; then an MPI launcher (``mpirun``/``mpiexec`` of OpenMPI, MPICH/Intel MPI, MVAPICH2, PMIx),
+read from the variables it sets for every process; then ``srun`` (``SLURM_PROCID``/``SLURM_LOCALID``/
+``SLURM_STEP_NUM_TASKS``); otherwise this is a single process and gets rank 0 of 1 on 127.0.0.1
+with a free port. MPI comes before SLURM because ``mpirun`` inside an sbatch script passes the batch
+script's ``SLURM_PROCID=0`` to every process. The batch script itself (``--ntasks`` > 1, no ``srun``)
+is refused: it would be rank 0 of N and wait for peers that never start.
+
+Under MPI the rendezvous is torch's env:// one: ``MASTER_ADDR`` is 127.0.0.1 when every rank runs
+on this node, and must be exported otherwise; ``MASTER_PORT`` defaults to 29500.
 
 Under ``srun`` every task is one rank. The master is the first host of the job's node list
 (``scontrol show hostnames``) and the port is derived from the job id, so that two jobs sharing a
@@ -36,7 +43,7 @@ class DistEnv:
     world_size: int
     master_addr: str
     master_port: int
-    launcher: str  # "torchrun" (also the deepspeed launcher), "srun" or "none"
+    launcher: str  # "torchrun" (also the deepspeed launcher), "mpi", "srun" or "none"
 
     @property
     def is_main(self) -> bool:
@@ -50,9 +57,18 @@ class DistEnv:
         )
 
 
+# (rank, size, local rank, local size) variables of each MPI family, as its launcher exports them
+MPI_VARIABLES = {
+    "OpenMPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    "MVAPICH2": ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    "MPICH": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+}
+MPI_RANK_ONLY = ("PMIX_RANK",)  # PMIx alone does not say the world size
+
+
 def under_launcher(environ: Mapping[str, str] = os.environ) -> bool:
     """True when some launcher made this process one rank of a job."""
-    return "RANK" in environ and "WORLD_SIZE" in environ or "SLURM_PROCID" in environ and _slurm_ntasks(environ) is not None
+    return detect(environ).launcher != "none"
 
 
 def detect(environ: Mapping[str, str] = os.environ) -> DistEnv:
@@ -64,6 +80,9 @@ def detect(environ: Mapping[str, str] = os.environ) -> DistEnv:
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=_int(environ, "MASTER_PORT", 29500), launcher="torchrun",
         )
+    mpi = _mpi(environ)
+    if mpi is not None:
+        return mpi
     ntasks = _slurm_ntasks(environ)
     if "SLURM_PROCID" in environ and ntasks is not None:
         job_id = environ.get("SLURM_JOB_ID", "0")
@@ -76,6 +95,26 @@ def detect(environ: Mapping[str, str] = os.environ) -> DistEnv:
         )
     return DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1",
                    master_port=free_port(), launcher="none")
+
+
+def _mpi(environ: Mapping[str, str]) -> DistEnv | None:
+    for family, (rank, size, local_rank, local_size) in MPI_VARIABLES.items():
+        if rank in environ and size in environ:
+            world = _int(environ, size)
+            if environ.get("SLURM_STEP_NUM_TASKS") == str(world):
+                return None  # srun started these ranks itself (--mpi=pmi2/pmix): its variables say it all
+            single_node = _int(environ, local_size, -1) == world
+            master = environ.get("MASTER_ADDR") or ("127.0.0.1" if single_node else None)
+            if master is None:
+                raise UserError(f"{family} launcher with ranks on several nodes: export MASTER_ADDR (the host of "
+                                "rank 0) and MASTER_PORT to every rank, e.g. mpirun -x MASTER_ADDR -x MASTER_PORT")
+            return DistEnv(rank=_int(environ, rank), local_rank=_int(environ, local_rank, 0), world_size=world,
+                           master_addr=master, master_port=_int(environ, "MASTER_PORT", 29500), launcher="mpi")
+    found = [name for name in MPI_RANK_ONLY if name in environ]
+    if found:
+        raise UserError(f"an MPI launcher set {found[0]} but no world size this can read; launch with torchrun or "
+                        "srun, or export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT")
+    return None
 
 
 def setup(environ: Mapping[str, str] = os.environ) -> DistEnv:
@@ -118,8 +157,15 @@ def free_port() -> int:
 
 
 def _slurm_ntasks(environ: Mapping[str, str]) -> int | None:
-    # srun exports the step's task count; the batch script itself only has the job's
-    value = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")
+    """The task count of this srun step; None outside one. In the batch script itself (no
+    ``SLURM_STEP_NUM_TASKS``) a job of several tasks is refused: only srun starts the other ranks."""
+    value = environ.get("SLURM_STEP_NUM_TASKS")
+    if value is None and "SLURM_JOB_ID" in environ:
+        job_tasks = environ.get("SLURM_NTASKS", "1")
+        if job_tasks.isdigit() and int(job_tasks) > 1:
+            raise UserError(f"this is the batch script of SLURM job {environ['SLURM_JOB_ID']} with {job_tasks} tasks, "
+                            "not one of them: start training with `srun memtrain train ...`")
+        return None
     return int(value) if value and value.isdigit() else None
 
 
@@ -131,6 +177,15 @@ def _int(environ: Mapping[str, str], key: str, default: int | None = None) -> in
         return int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise UserError(f"launcher variable {key}={value!r} is not an integer") from None
+
+
+def has_gpu() -> bool:
+    """A CUDA device this process may use (``DS_ACCELERATOR=cpu`` says no, as it does to DeepSpeed)."""
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_local_ranks(nproc: int, argv: Sequence[str], on_cpu: bool) -> int:

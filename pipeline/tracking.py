@@ -2,8 +2,11 @@
 
 Start: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's default local store
 (``sqlite:///mlflow.db`` in the working directory). A run id from the checkpoint reattaches to
-that run (resume, requeue); an HTTP server that does not answer within
-``tracking.connect_timeout_s`` is a UserError.
+that run (resume, requeue), else ``MLFLOW_RUN_ID`` does; an HTTP server that does not answer within
+``tracking.connect_timeout_s`` is a UserError. A new run goes to ``tracking.experiment`` when the
+config sets it, else to ``MLFLOW_EXPERIMENT_ID`` / ``MLFLOW_EXPERIMENT_NAME``, else to "memtrain"
+(the variables HF's and Composer's MLflow integrations read); it is named ``tracking.run_name`` or
+the basename of ``train.output_dir``, and carries the user/source tags ``mlflow.start_run`` sets.
 
 Delivery never blocks or fails training and never loses a point. Every record (metric point,
 artifact, final status) is appended to a spool file in ``train.output_dir`` and queued in
@@ -88,6 +91,7 @@ class Tracker(NullTracker):
         self._flush_timeout_s = cfg.tracking.flush_timeout_s
         self._client, self.tracking_uri = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)
         try:
+            run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or None
             run = self._reattach(run_id) if run_id else self._create_run(cfg)
             self.run_id: str = run.info.run_id
             self._log_run_facts(run, cfg, ds_config, world_size)
@@ -149,17 +153,9 @@ class Tracker(NullTracker):
     # --- starting ---
 
     def _create_run(self, cfg: ExperimentConfig) -> Any:
-        from mlflow.exceptions import MlflowException
+        from mlflow.tracking.context.registry import resolve_tags
 
-        experiment = self._client.get_experiment_by_name(cfg.tracking.experiment)
-        if experiment is None:
-            try:
-                experiment_id = self._client.create_experiment(cfg.tracking.experiment)
-            except MlflowException:  # created meanwhile by another job
-                experiment_id = self._client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
-        else:
-            experiment_id = experiment.experiment_id
-        return self._client.create_run(experiment_id, run_name=cfg.tracking.run_name)
+        return self._client.create_run(experiment_id(self._client, cfg), run_name=run_name(cfg), tags=resolve_tags())
 
     def _reattach(self, run_id: str) -> Any:
         run = self._client.get_run(run_id)
@@ -283,6 +279,33 @@ def wait_for_server(uri: str, timeout_s: float) -> None:
                                 "start it, fix tracking.uri / MLFLOW_TRACKING_URI, "
                                 "or set tracking.enabled=false") from None
             time.sleep(0.25)
+
+
+def experiment_id(client: "MlflowClient", cfg: ExperimentConfig) -> str:
+    """The id of the experiment a new run goes to (created by name when missing); see the module docstring."""
+    from mlflow.exceptions import MlflowException
+
+    given_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if given_id and "experiment" not in cfg.tracking.model_fields_set:
+        try:
+            return client.get_experiment(given_id).experiment_id
+        except MlflowException:
+            raise UserError(f"MLFLOW_EXPERIMENT_ID={given_id} names no experiment at {client.tracking_uri}") from None
+    name = cfg.tracking.experiment
+    if "experiment" not in cfg.tracking.model_fields_set:
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or name
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created meanwhile by another job
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def run_name(cfg: ExperimentConfig) -> str:
+    """``tracking.run_name``, else the run folder's name: two runs of one experiment are told apart."""
+    return cfg.tracking.run_name or Path(cfg.train.output_dir).resolve().name
 
 
 def run_params(cfg: ExperimentConfig, ds_config: dict[str, Any] | None) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -43,7 +42,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserError("--nproc starts local ranks itself; under torchrun/srun each command is already one rank")
     preflight(cfg, args.nproc)  # fail here, before any rank starts
     rank_argv = ["train", "--config", args.config, *(["--set", *args.overrides] if args.overrides else [])]
-    return launch.run_local_ranks(args.nproc, rank_argv, on_cpu=not _has_gpu())
+    return launch.run_local_ranks(args.nproc, rank_argv, on_cpu=not launch.has_gpu())
 
 
 @dataclass
@@ -375,11 +374,3 @@ class Trainer:
                  "mlflow_run_id": self.tracker.run_id, "n_segments": n_segments, "reason": reason}
         tag_dir = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, state, self.cfg.train.keep_last)
         self.progress.info(f"saved {tag_dir} ({reason})")
-
-
-def _has_gpu() -> bool:
-    if os.environ.get("DS_ACCELERATOR") == "cpu":
-        return False
-    import torch
-
-    return torch.cuda.is_available()

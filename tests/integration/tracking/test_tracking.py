@@ -162,3 +162,39 @@ def test_default_store_is_sqlite_in_the_working_directory(tmp_path: Path, monkey
     tracker.finish()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert history(client, tracker.run_id, "train/loss") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
+def test_new_runs_get_start_run_tags_a_folder_name_and_the_mlflow_env(mlflow_server, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import getpass
+
+    client = MlflowClient(mlflow_server.uri)
+    base = [f"tracking.uri={mlflow_server.uri}", "tracking.flush_timeout_s=180"]
+
+    def start(out: str, *extra: str, run_id: str | None = None) -> str:
+        tracker = start_tracking(load_config(None, [f"train.output_dir={tmp_path / out}", *base, *extra]),
+                                 run_id=run_id, rank=0)
+        tracker.finish()
+        return tracker.run_id
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env-name")
+    run = client.get_run(start("rmt-2k"))
+    assert run.info.run_name == "rmt-2k"
+    assert run.data.tags["mlflow.user"] == getpass.getuser() and run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert run.data.tags["mlflow.source.name"]
+    assert client.get_experiment(run.info.experiment_id).name == "from-env-name"
+    # the config's own experiment beats the variables; MLFLOW_EXPERIMENT_ID beats the name
+    explicit = client.get_run(start("b", "tracking.experiment=from-config", "tracking.run_name=named"))
+    assert client.get_experiment(explicit.info.experiment_id).name == "from-config"
+    assert explicit.info.run_name == "named"
+    by_id = client.create_experiment("from-env-id")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", by_id)
+    assert client.get_run(start("c")).info.experiment_id == by_id
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "999999")
+    with pytest.raises(UserError, match="MLFLOW_EXPERIMENT_ID=999999 names no experiment"):
+        start("d")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+    # MLFLOW_RUN_ID reattaches; a checkpoint's run id comes first
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    assert start("e") == run.info.run_id
+    assert start("f", run_id=explicit.info.run_id) == explicit.info.run_id

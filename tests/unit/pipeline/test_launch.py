@@ -13,8 +13,8 @@ def test_torchrun_variables_win_over_slurm() -> None:
 
 
 def test_srun_task_is_one_rank_with_port_from_job_id() -> None:
-    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "gpu7"}
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8",
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu7"}
     got = detect(env)
     assert (got.rank, got.local_rank, got.world_size, got.master_addr) == (5, 1, 8, "gpu7")
     assert got.launcher == "srun"
@@ -48,3 +48,38 @@ def test_the_deepspeed_launchers_local_rank_argument_is_accepted() -> None:
 
     args = build_parser().parse_args(["--local_rank=1", "train", "--config", "c.yaml"])
     assert args.command == "train" and args.config == "c.yaml"
+
+
+# what the launchers export to each process (OpenMPI 4.1 mpirun, MPICH 4 hydra mpiexec)
+OPENMPI = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "PMIX_RANK": "3"}
+MPICH = {"PMI_RANK": "2", "PMI_SIZE": "3", "MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "3", "PMI_FD": "6"}
+
+
+def test_mpirun_ranks_are_read_even_inside_an_sbatch_script() -> None:
+    batch = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n[1-2]"}
+    got = detect({**OPENMPI, **batch, "MASTER_ADDR": "n1"})
+    assert (got.rank, got.local_rank, got.world_size, got.master_addr, got.launcher) == (3, 1, 4, "n1", "mpi")
+    with pytest.raises(UserError, match="several nodes: export MASTER_ADDR"):
+        detect(OPENMPI)
+    local = detect(MPICH)  # every rank on this node: the rendezvous is local
+    assert (local.rank, local.world_size, local.master_addr, local.master_port) == (2, 3, "127.0.0.1", 29500)
+
+
+def test_pmix_without_a_world_size_is_refused() -> None:
+    with pytest.raises(UserError, match="PMIX_RANK but no world size"):
+        detect({"PMIX_RANK": "1", "PMIX_NAMESPACE": "x"})
+
+
+def test_srun_with_an_mpi_plugin_stays_srun() -> None:
+    env = {**MPICH, "PMI_RANK": "1", "PMI_SIZE": "2", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2",
+           "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "n1"}
+    del env["MPI_LOCALNRANKS"]
+    assert detect(env).launcher == "srun" and detect(env).rank == 1
+
+
+def test_batch_script_of_a_multi_task_job_is_refused_with_srun_hint() -> None:
+    batch = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "n1"}
+    with pytest.raises(UserError, match="use|srun memtrain train"):
+        detect(batch)
+    assert detect({**batch, "SLURM_NTASKS": "1"}).launcher == "none"
