@@ -301,6 +301,12 @@ class ExportConfig(Section):
     """Default `max_new_tokens` in generation_config.json."""
     log_to_mlflow: bool = False
     """Also log the exported folder as an artifact of the training's MLflow run (best effort)."""
+    base_model: str | None = None
+    """Hub id of the base model in the card's metadata; unset: model.pretrained's own Hub id (its config's _name_or_path), if it has one."""
+    datasets: list[str] = []
+    """Hub dataset ids in the card's metadata; empty: the `hf:` data.source, if it is one."""
+    language: list[str] = []
+    """Languages of the card's metadata (ISO 639-1, e.g. [en])."""
 
 
 class ExperimentConfig(Section):

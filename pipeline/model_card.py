@@ -8,12 +8,18 @@ and generate with plain transformers (``trust_remote_code=True``).
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from huggingface_hub import EvalResult as HubEvalResult
 from huggingface_hub import ModelCardData
 
 from pipeline.config import ExperimentConfig
+from pipeline.ds_config import batch_plan
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "gpt2", "org/name"; a path has more slashes or starts with / . ~
 
 MEMORY_DESCRIPTIONS = {
     "rmt": "Recurrent Memory Transformer (Bulatov et al., 2022): {m} memory tokens are read at the "
@@ -58,6 +64,22 @@ def hub_dataset_ids(source: str) -> list[str]:
     return [source[len("hf:"):]] if source.startswith("hf:") else []
 
 
+def public_source(source: str) -> str:
+    """data.source as a public card may show it: a Hub id or ``synthetic:N``, never a local path."""
+    return source if source.startswith(("hf:", "synthetic:")) else "local files"
+
+
+def base_model_id(cfg: ExperimentConfig) -> str | None:
+    """``export.base_model``, else the Hub id model.pretrained was saved from (its ``_name_or_path``)."""
+    if cfg.export.base_model or not cfg.model.pretrained:
+        return cfg.export.base_model
+    try:
+        name = json.loads((Path(cfg.model.pretrained) / "config.json").read_text()).get("_name_or_path", "")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return name if isinstance(name, str) and HUB_ID.fullmatch(name) and not Path(name).exists() else None
+
+
 def card_tags(cfg: ExperimentConfig) -> list[str]:
     tags = ["memtrain", "memory-augmented", f"memory-{cfg.memory.kind}", cfg.model.arch, "long-context"]
     return list(dict.fromkeys([*tags, *cfg.export.tags]))
@@ -74,12 +96,13 @@ def babilong_results(rows: list[dict]) -> list[HubEvalResult]:
 
 def card_metadata(cfg: ExperimentConfig, model_name: str, evaluation: CardEvaluation | None, facts: TrainingFacts,
                   babilong: list[dict] | None = None) -> ModelCardData:
-    datasets = hub_dataset_ids(cfg.data.source)
+    datasets = cfg.export.datasets or hub_dataset_ids(cfg.data.source)
     results = None
     if evaluation is not None and evaluation.step == facts.step:
-        dataset_type = datasets[0] if datasets else cfg.data.source.split(":")[0]
+        dataset_type = datasets[0] if datasets else public_source(cfg.data.source).split(":")[0]
         split = {"val": "validation"}.get(evaluation.split, evaluation.split)
-        common = dict(task_type="text-generation", dataset_type=dataset_type, dataset_name=cfg.data.source,
+        dataset_name = public_source(cfg.data.source) if not cfg.export.datasets else datasets[0]
+        common = dict(task_type="text-generation", dataset_type=dataset_type, dataset_name=dataset_name,
                       dataset_split=split, metric_type="perplexity")
         results = [
             HubEvalResult(**common, metric_value=round(evaluation.perplexity, 4), metric_name="Perplexity"),
@@ -94,6 +117,8 @@ def card_metadata(cfg: ExperimentConfig, model_name: str, evaluation: CardEvalua
         pipeline_tag="text-generation",
         tags=card_tags(cfg),
         datasets=datasets or None,
+        language=cfg.export.language or None,
+        base_model=base_model_id(cfg),
         model_name=model_name,
         eval_results=results,
     )
@@ -102,7 +127,8 @@ def card_metadata(cfg: ExperimentConfig, model_name: str, evaluation: CardEvalua
 def _base_description(cfg: ExperimentConfig) -> str:
     model = cfg.model
     if model.pretrained:
-        return f"`{model.arch}` initialised from `{model.pretrained}`"
+        base = base_model_id(cfg)
+        return f"`{model.arch}` initialised from " + (f"`{base}`" if base else "a pretrained checkpoint")
     return (f"`{model.arch}` from scratch ({model.num_layers} layers, hidden size {model.hidden_size}, "
             f"{model.num_heads} heads)")
 
@@ -111,6 +137,7 @@ def _facts_table(cfg: ExperimentConfig, facts: TrainingFacts) -> str:
     memory = cfg.memory
     depth = "full" if memory.bptt_depth < 0 else f"{memory.bptt_depth} segments"
     train = cfg.train
+    plan = batch_plan(train, facts.world_size)
     rows = [
         ("Base model", _base_description(cfg)),
         ("Memory", f"`{memory.kind}`, {memory.num_tokens} memory tokens, BPTT depth {depth}"),
@@ -122,10 +149,10 @@ def _facts_table(cfg: ExperimentConfig, facts: TrainingFacts) -> str:
         ("Tokens seen", f"{facts.tokens_seen:,}"),
         ("World size", f"{facts.world_size} ranks"),
         ("DeepSpeed", f"ZeRO stage {facts.zero_stage}" if facts.zero_stage is not None else "unknown"),
-        ("Batch", f"{train.micro_batch_size} per rank x {train.grad_accum} accumulation steps x "
-                  f"{facts.world_size} ranks = {train.micro_batch_size * train.grad_accum * facts.world_size} samples"),
+        ("Batch", f"{plan.micro} per rank x {plan.accum} accumulation steps x {plan.world} ranks = "
+                  f"{plan.global_batch} samples"),
         ("Learning rate", f"{train.lr:g} (min {train.min_lr:g}, {train.warmup_steps} warmup steps)"),
-        ("Data source", f"`{cfg.data.source}`"),
+        ("Data source", f"`{public_source(cfg.data.source)}`"),
     ]
     return "\n".join(["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
 

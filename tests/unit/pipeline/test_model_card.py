@@ -48,3 +48,24 @@ def test_other_step_evaluation_is_labelled_and_not_in_model_index() -> None:
 def test_no_evaluation_says_how_to_make_one() -> None:
     parsed = card([], None)
     assert not parsed.data.eval_results and "memtrain eval --checkpoint" in parsed.text
+
+
+def test_local_paths_never_reach_the_card_and_base_model_is_set(tmp_path) -> None:
+    base = tmp_path / "scratch" / "llama-base"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text('{"model_type": "gpt2", "_name_or_path": "openai-community/gpt2"}')
+    source = tmp_path / "shared" / "books"
+    parsed = card([f"data.source={source}", f"model.pretrained={base}"], evaluation(300))
+    assert str(tmp_path) not in str(parsed)  # neither metadata nor body
+    assert parsed.data.base_model == "openai-community/gpt2" and "`openai-community/gpt2`" in parsed.text
+    chosen = card([f"data.source={source}", f"model.pretrained={base}", "export.base_model=me/base",
+                   "export.datasets=[me/books]", "export.language=[en, de]"], evaluation(300))
+    assert chosen.data.base_model == "me/base" and chosen.data.datasets == ["me/books"]
+    assert chosen.data.language == ["en", "de"]
+    (base / "config.json").write_text(f'{{"model_type": "gpt2", "_name_or_path": "{base}"}}')  # saved from a path
+    assert card([f"model.pretrained={base}"], None).data.base_model is None
+
+
+def test_batch_row_follows_global_batch_size() -> None:
+    text = card(["train.global_batch_size=16", "train.micro_batch_size=2"], None).text  # 2 ranks in FACTS
+    assert "2 per rank x 4 accumulation steps x 2 ranks = 16 samples" in text
