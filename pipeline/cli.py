@@ -12,10 +12,22 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from pipeline import __version__
 from pipeline.config import ExperimentConfig, load_config
 from pipeline.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_DESCRIPTION = """\
+Train with DeepSpeed. One process is one rank: under torchrun, the deepspeed launcher, srun or mpirun
+each command is one rank; --nproc N starts N local ranks itself.
+
+Auto-resume: when train.output_dir holds a checkpoint, training continues from the latest complete
+one (weights, optimizer, RNG, data position and the MLflow run), on another world size too.
+
+SIGUSR2 or SIGTERM (e.g. sbatch --signal=USR2@300, scontrol requeue): every rank saves a checkpoint
+at the next step boundary and the command exits with code 85, which slurm/train.sbatch turns into a
+requeue. Exit codes: 0 done, 2 a configuration or input error (one line on stderr), 85 preempted
+(checkpoint saved, requeue me), 1 anything else."""
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 # subcommand -> "module:function"; the function takes the parsed args and returns an exit code.
@@ -45,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memtrain", description="Train memory-augmented decoders (RMT, ARMT) on long books with DeepSpeed.")
     # the deepspeed launcher puts --local_rank=N before the subcommand; ranks are read from LOCAL_RANK/RANK
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"memtrain {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prep = commands.add_parser(
@@ -61,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = prep_actions.add_parser("merge", help="write the final manifest after a prep job array")
     merge.add_argument("dir", help="data.output_dir of the array")
 
-    train = commands.add_parser("train", help="train with DeepSpeed (resumes from the latest checkpoint)")
+    train = commands.add_parser("train", help="train with DeepSpeed (resumes from the latest checkpoint)",
+                                description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(train)
     train.add_argument("--nproc", type=int, default=1, help="start N local ranks with torchrun")
 
@@ -73,18 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(evaluate, required=False)
 
     export = commands.add_parser("export", help="checkpoint -> Hugging Face folder (and Hub)")
-    export.add_argument("--checkpoint", required=True)
-    export.add_argument("--out", required=True)
-    export.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    export.add_argument("--checkpoint", required=True, help="train.output_dir (its latest checkpoint) or one checkpoint folder")
+    export.add_argument("--out", required=True, metavar="DIR", help="the Hugging Face folder to write")
+    export.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="weights dtype (default: export.dtype)")
     export.add_argument("--push", default=None, metavar="REPO_ID", help="upload to the Hugging Face Hub")
-    export.add_argument("--revision", default=None, metavar="BRANCH")
-    export.add_argument("--private", action="store_true")
+    export.add_argument("--revision", default=None, metavar="BRANCH", help="Hub branch to push to (default: main)")
+    export.add_argument("--private", action="store_true", help="create the Hub repository private")
     export.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
 
     submit = commands.add_parser("submit", help="render the slurm/ templates and sbatch them")
     add_config_arguments(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
-    submit.add_argument("--what", choices=["train", "prep", "all"], default="train")
+    submit.add_argument("--what", choices=["train", "prep", "all"], default="train",
+                        help="the training job, the prep array (+ merge), or prep then train (default: train)")
 
     demo = commands.add_parser("demo", help="the whole pipeline on the built-in synthetic books")
     add_config_arguments(demo, default=str(DEMO_CONFIG))
