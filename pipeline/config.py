@@ -192,7 +192,7 @@ class TrainConfig(Section):
     random_truncation: float = Field(0.0, ge=0.0, le=1.0)
     """Share of batches cut to a random number of segments (same on every rank)."""
     log_every: int = Field(10, ge=1)
-    """Print and log metrics every N steps."""
+    """Print a progress line every N steps (terminal and logs/train.log); MLflow gets every step's metrics."""
     eval_every: int = Field(0, ge=0)
     """Evaluate on eval.split every N steps (0: only at the end)."""
 
