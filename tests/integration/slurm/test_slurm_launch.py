@@ -13,8 +13,9 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_train_in_a_multi_task_batch_script_without_srun_is_refused(slurm_cluster, make_config, tmp_path) -> None:
-    config = make_config()
+def test_train_in_a_multi_task_batch_script_without_srun_is_refused(slurm_cluster, make_config, reference_data,
+                                                                    tmp_path) -> None:
+    config = make_config(data={"output_dir": str(reference_data)})  # real data: nothing else stops it first
     out = tmp_path / "bare.out"
     script = (f"#!/bin/bash\n#SBATCH --ntasks=2\n#SBATCH --nodes=2\n#SBATCH --output={out}\n#SBATCH --time=00:02:00\n"
               f"export DS_ACCELERATOR=cpu\n{sys.executable} -m pipeline.cli train --config {config}\n")
