@@ -83,3 +83,4 @@ def test_batch_script_of_a_multi_task_job_is_refused_with_srun_hint() -> None:
     with pytest.raises(UserError, match="use|srun memtrain train"):
         detect(batch)
     assert detect({**batch, "SLURM_NTASKS": "1"}).launcher == "none"
+
