@@ -114,9 +114,10 @@ def convert_to_universal(tag_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    workers = str(max(1, min(8, len(os.sched_getaffinity(0)))))  # the cores this rank may use: a large model's shards take long
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
            "--output_folder", str(tmp), "--inject_missing_state",
-           "--num_extract_workers", "1", "--num_merge_workers", "1"]
+           "--num_extract_workers", workers, "--num_merge_workers", workers]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
