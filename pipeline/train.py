@@ -171,7 +171,7 @@ def resume_point(ckpt_dir: Path, world_size: int, is_main: bool) -> ResumePoint 
 
 def train(cfg: ExperimentConfig) -> int:
     flag = PreemptionFlag()  # from the start: a signal during set-up stops the run after its first step
-    if not _has_gpu():
+    if not launch.has_gpu():
         allocator.tune_this_process()  # a no-op for ranks that started with the set-up (--nproc)
     try:
         dist_env = launch.setup()
