@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,32 +16,10 @@ from pipeline.cli import main
 from pipeline.config import ExperimentConfig
 from pipeline.evaluate import EvalResult
 
-from export_support import TINY, TrainedRun, run_clean
+from shared_run import TEXT, Exports, TrainedRun
+from tiny import TINY
 
 pytestmark = pytest.mark.slow
-
-CLEAN_LOAD = Path(__file__).parents[2] / "support" / "clean_load.py"
-TEXT = "The captain kept the brass key in the kitchen of the old house."
-
-
-@dataclass(frozen=True)
-class Exports:
-    fp32: Path
-    bf16: Path
-    clean: dict  # what clean_load.py reported
-
-
-@pytest.fixture(scope="module")
-def exports(trained_run: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> Exports:
-    root = tmp_path_factory.mktemp("exports")
-    fp32, bf16 = root / "fp32", root / "bf16"
-    tag_dir = trained_run.output_dir / "checkpoints" / (trained_run.output_dir / "checkpoints" / "latest").read_text().strip()
-    assert main(["export", "--checkpoint", str(trained_run.output_dir), "--out", str(fp32)]) == 0
-    assert main(["export", "--checkpoint", str(tag_dir), "--out", str(bf16), "--dtype", "bf16"]) == 0
-    ev = TINY["eval"]
-    clean = run_clean(CLEAN_LOAD, str(trained_run.data_dir), "val", str(ev["max_samples"]), str(ev["batch_size"]),
-                      TEXT, str(fp32), str(bf16), tmp=root)
-    return Exports(fp32=fp32, bf16=bf16, clean=clean)
 
 
 def segment_ppl(scored: dict) -> list[float]:

@@ -8,7 +8,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from train_support import Run, kill_tree, run_train, start_train, tail, wait_for_step, write_config
+from processes import kill_tree, tail
+from train_support import Run, run_train, start_train, wait_for_step, write_config
 
 from pipeline.config import load_config
 

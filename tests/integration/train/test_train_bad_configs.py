@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from train_support import REPO_ROOT, env, write_config
+from processes import REPO_ROOT, memtrain
+from train_support import write_config
 
 from pipeline.cli import main
 
@@ -44,7 +43,6 @@ def test_explicit_ds_value_that_contradicts_the_config(config: Path, tmp_path: P
 
 
 def test_the_console_prints_no_traceback(config: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--config", str(config), "--nproc", "2",
-                           "--set", "data.n_segments=8"], cwd=REPO_ROOT, env=env(), capture_output=True, text=True)
+    proc = memtrain("train", "--config", str(config), "--nproc", "2", "--set", "data.n_segments=8", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "segments per sample" in proc.stderr

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
-from train_support import REPO_ROOT, TINY, Run, env, kill_tree, run_train, start_train, tail, wait_for_step
+from processes import REPO_ROOT, kill_tree, process_env, tail
+from train_support import MAX_STEPS, Run, run_train, start_train, wait_for_step
 
 from pipeline.checkpoint import find_latest, load_consolidated, read_state
 
 pytestmark = pytest.mark.slow
-MAX_STEPS = TINY["train"]["max_steps"]
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -61,7 +61,7 @@ def test_each_rank_holds_half_of_every_parameter(reference_run: Run) -> None:
 def test_first_steps_equal_plain_pytorch_with_the_same_global_batch(reference_run: Run, tracking_uri: str) -> None:
     steps = 4
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "tests/support/plain_training.py"),
-                           str(reference_run.config), str(steps)], cwd=REPO_ROOT, env=env(),
+                           str(reference_run.config), str(steps)], cwd=REPO_ROOT, env=process_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     plain = json.loads(proc.stdout.strip().splitlines()[-1])

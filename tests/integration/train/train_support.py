@@ -1,36 +1,29 @@
-"""Helpers of the training tests: the tiny experiment, `memtrain train` as a process, its log, kill -9."""
+"""Helpers of the training tests: their variant of the tiny experiment, `memtrain train` as a process, its log."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-import yaml
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
+from processes import kill_tree, start_memtrain
+from tiny import experiment, merged, write_experiment
 
 # ~13k parameters, 4 segments of 16 tokens, 16 steps of a 4-sample global batch: seconds per run.
-TINY = {
-    "data": {"source": "synthetic:12", "segment_len": 16, "n_segments": 4, "vocab_size": 320,
-             "val_fraction": 0.2, "test_fraction": 0.0, "samples_per_shard": 64, "tokenizer_threads": 1,
-             "tokenizer_sample_sentences": 1000,
-             "synthetic": {"words_per_book": 600, "facts_per_book": 3, "min_recall_distance_segments": 1}},
-    "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_positions": 64,
-              "segment_checkpointing": False},
-    "memory": {"kind": "rmt", "num_tokens": 2},
-    "train": {"max_steps": 16, "save_every": 4, "keep_last": 3, "micro_batch_size": 2, "global_batch_size": 4,
-              "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
+TRAIN_TINY = {
+    "data": {"source": "synthetic:12", "segment_len": 16, "vocab_size": 320, "val_fraction": 0.2,
+             "samples_per_shard": 64, "tokenizer_sample_sentences": 1000, "synthetic": {"words_per_book": 600}},
+    "model": {"num_layers": 1, "segment_checkpointing": False},
+    "memory": {"num_tokens": 2},
+    "train": {"max_steps": 16, "save_every": 4, "keep_last": 3, "global_batch_size": 4, "lr": 3e-3,
+              "warmup_steps": 2, "log_every": 1,
               # 2 segments, then 4 from step 8: the curriculum grows the sequence mid-run
               "curriculum": [{"from_step": 0, "n_segments": 2}, {"from_step": 8, "n_segments": 4}]},
     "eval": {"max_samples": 4, "batch_size": 2},
 }
+MAX_STEPS = TRAIN_TINY["train"]["max_steps"]
 
 
 @dataclass(frozen=True)
@@ -46,23 +39,16 @@ class Run:
 
 
 def write_config(path: Path, data_dir: Path, output_dir: Path, tracking_uri: str | None) -> Path:
-    tree = {**TINY, "data": {**TINY["data"], "output_dir": str(data_dir)},
-            "train": {**TINY["train"], "output_dir": str(output_dir)},
-            "tracking": {"uri": tracking_uri, "experiment": "train-tests"} if tracking_uri else {"enabled": False}}
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
-
-
-def env() -> dict[str, str]:
-    # one thread per process: two ranks (or a rank and the machine's other work) share 2 cores
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    tree = experiment(path.parent, **TRAIN_TINY)
+    tree = merged(tree, {"data": {"output_dir": str(data_dir)}, "train": {"output_dir": str(output_dir)},
+                         "tracking": {"enabled": True, "uri": tracking_uri, "experiment": "train-tests"}
+                         if tracking_uri else {"enabled": False}})
+    return write_experiment(path, tree)
 
 
 def start_train(config: Path, *extra: str, log: Path) -> subprocess.Popen:
     """``memtrain train --config C EXTRA...`` in the background, stdout+stderr into ``log``."""
-    with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--config", str(config), *extra],
-                                cwd=REPO_ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT)
+    return start_memtrain("train", "--config", str(config), *extra, log=log)
 
 
 def run_train(config: Path, *extra: str, log: Path, timeout: float = 300) -> int:
@@ -71,10 +57,6 @@ def run_train(config: Path, *extra: str, log: Path, timeout: float = 300) -> int
         return proc.wait(timeout)
     finally:
         kill_tree(proc)
-
-
-def tail(log: Path, chars: int = 4000) -> str:
-    return log.read_text(errors="replace")[-chars:] if log.exists() else "(no log)"
 
 
 def wait_for_step(train_log: Path, step: int, proc: subprocess.Popen, offset: int = 0, timeout: float = 240) -> None:
@@ -90,17 +72,3 @@ def wait_for_step(train_log: Path, step: int, proc: subprocess.Popen, offset: in
             raise AssertionError(f"training exited with {proc.returncode} before step {step}")
         time.sleep(0.02)
     raise AssertionError(f"no step {step} within {timeout} s")
-
-
-def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    """Signal the process and its descendants by pid (torchrun's ranks run in sessions of their own)."""
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for member in family:
-        try:
-            member.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(30)

@@ -4,26 +4,17 @@ cannot import memtrain: same logits, same generation."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from clean_python import run_without_project
 from model_support import random_ids, tiny_model
 
 CHILD = textwrap.dedent("""
-    import importlib.abc, json, sys
+    import importlib.util, json, sys
     import torch
-
-    class BlockProject(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("pipeline", "data_prep"):
-                raise ImportError("the project is not importable here: " + name)
-
-    sys.meta_path.insert(0, BlockProject())
     from transformers import AutoModelForCausalLM
 
     job = json.loads(sys.argv[1])
@@ -37,7 +28,8 @@ CHILD = textwrap.dedent("""
         results[name] = {"logits": logits.tolist(),
                          "generated": model.generate(ids[:, :20], max_new_tokens=4).tolist(),
                          "loss": float(model(ids, labels=ids).loss)}
-    print(json.dumps(results))
+    importable = [name for name in ("pipeline", "data_prep") if importlib.util.find_spec(name) is not None]
+    print(json.dumps({"project_importable": importable, "results": results}))
 """)
 
 SAVED_CODE = {"modeling_memtrain.py", "configuration_memtrain.py", "fused_head.py"}
@@ -56,13 +48,9 @@ def test_export_loads_without_the_project(tmp_path: Path):
         assert config["decoder_config"]["model_type"] == name.split("_")[1]
         assert SAVED_CODE <= {p.name for p in folder.glob("*.py")}
         folders[name] = str(folder)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    job = json.dumps({"ids": ids.tolist(), "folders": folders})
-    done = subprocess.run([sys.executable, "-I", "-c", CHILD, job], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_without_project(CHILD, json.dumps({"ids": ids.tolist(), "folders": folders}), tmp=tmp_path)
+    assert report["project_importable"] == []
+    results = report["results"]
     for name, model in models.items():
         with torch.no_grad():
             torch.testing.assert_close(torch.tensor(results[name]["logits"]), model(ids).logits, rtol=0, atol=1e-5)
