@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import as_overrides, experiment
 
 from data_prep import prepare
 from data_prep.manifest import read_manifest
@@ -24,13 +25,10 @@ N_SAMPLES = 7  # on 2 ranks in batches of 2: rank 1 pads its share, and the hist
 
 
 def overrides(root: Path) -> list[str]:
-    return [f"data.output_dir={root / 'data'}", "data.source=synthetic:8", "data.segment_len=16", "data.n_segments=3",
-            "data.vocab_size=384", "data.val_fraction=0.25", "data.test_fraction=0.0", "data.tokenizer_threads=1",
-            "data.synthetic.words_per_book=1200", "data.synthetic.facts_per_book=3",
-            "data.synthetic.min_recall_distance_segments=1",
-            "memory.kind=rmt", "memory.num_tokens=2", "model.hidden_size=16", "model.num_heads=2",
-            "model.num_layers=2", "model.max_positions=32", f"train.output_dir={root / 'train'}",
-            "eval.batch_size=2", f"eval.max_samples={N_SAMPLES}", "eval.history_target=true"]
+    return as_overrides(experiment(
+        root, data={"source": "synthetic:8", "segment_len": 16, "n_segments": 3, "vocab_size": 384},
+        memory={"num_tokens": 2}, model={"hidden_size": 16, "max_positions": 32}, tracking={"enabled": True},
+        eval={"batch_size": 2, "max_samples": N_SAMPLES, "history_target": True}))
 
 
 def assert_close(got: EvalResult, expected: EvalResult, rel: float) -> None:

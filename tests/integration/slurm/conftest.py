@@ -19,21 +19,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-import yaml
+from processes import memtrain
+from tiny import experiment, merged, write_experiment
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CLUSTER_SCRIPTS = REPO_ROOT / "slurm" / "local-cluster"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
-# tiny and fast: 2 CPU ranks, a few dozen steps, small synthetic books
-TINY_CONFIG = {
-    "data": {"source": "synthetic:10", "segment_len": 32, "n_segments": 2, "vocab_size": 400,
-             "val_fraction": 0.2, "test_fraction": 0.1, "samples_per_shard": 32,
-             "synthetic": {"words_per_book": 500, "facts_per_book": 2, "min_recall_distance_segments": 1}},
-    "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_positions": 128},
-    "memory": {"kind": "rmt", "num_tokens": 2},
-    "train": {"max_steps": 20, "save_every": 10, "micro_batch_size": 2, "warmup_steps": 2, "log_every": 1},
-    "eval": {"max_samples": 4, "batch_size": 4},
+# tiny and fast: 2 CPU ranks, a few dozen steps, small synthetic books (tests/support/tiny.py's TINY, with these changes)
+SLURM_TINY: dict[str, Any] = {
+    "data": {"source": "synthetic:10", "n_segments": 2, "vocab_size": 400, "val_fraction": 0.2, "test_fraction": 0.1,
+             "samples_per_shard": 32, "synthetic": {"words_per_book": 500, "facts_per_book": 2}},
+    "model": {"num_layers": 1, "max_positions": 128},
+    "memory": {"num_tokens": 2},
+    "train": {"max_steps": 20, "save_every": 10, "warmup_steps": 2, "log_every": 1},
+    "eval": {"batch_size": 4, "max_samples": 4},
     "slurm": {"nodes": 2, "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1, "time": "00:10:00",
               "prep_array_tasks": 2, "job_name": "memtrain-test",
               # memtrain from the test's own environment, appended so that the tools found first stay the
@@ -125,17 +125,11 @@ def slurm_cluster() -> Iterator[Cluster]:
 
 
 def write_config(root: Path, **sections: dict[str, Any]) -> Path:
-    """TINY_CONFIG with per-section updates and every output under ``root``, as root/config.yaml."""
-    tree: dict[str, Any] = {name: dict(section) for name, section in TINY_CONFIG.items()}
-    tree["data"]["output_dir"] = str(root / "data")
-    tree["train"]["output_dir"] = str(root / "train")
-    tree["tracking"] = {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "slurm-test"}
-    tree["slurm"]["log_dir"] = str(root / "logs")
-    for name, update in sections.items():
-        tree.setdefault(name, {}).update(update)
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
+    """SLURM_TINY with per-section updates and every output under ``root``, as root/config.yaml."""
+    tree = experiment(root, **merged(SLURM_TINY, {
+        "tracking": {"enabled": True, "uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "slurm-test"},
+        "slurm": {"log_dir": str(root / "logs")}}))
+    return write_experiment(root / "config.yaml", merged(tree, sections))
 
 
 @pytest.fixture
@@ -154,7 +148,5 @@ def reference_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny data set made by one plain ``memtrain prep`` (no SLURM): the prep array's reference
     and the training jobs' input."""
     root = tmp_path_factory.mktemp("reference-prep")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "prep", "--config", str(write_config(root))],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    memtrain("prep", "--config", str(write_config(root)), timeout=300)
     return root / "data"
