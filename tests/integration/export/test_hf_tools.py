@@ -8,7 +8,9 @@ import math
 from pathlib import Path
 
 import pytest
-from export_support import TINY, TrainedRun, run_clean
+from clean_python import run_without_project
+from shared_run import TrainedRun
+from tiny import TINY
 
 from pipeline.cli import main
 from pipeline.evaluate import EvalResult
@@ -25,8 +27,8 @@ def used(trained_run: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> d
     assert main(["export", "--checkpoint", str(trained_run.output_dir), "--out", str(export)]) == 0
     work = root / "work"
     work.mkdir()
-    return run_clean(HF_TOOLS, str(export), str(trained_run.data_dir), "val", str(TINY["eval"]["max_samples"]),
-                     str(work), tmp=root)
+    return run_without_project(HF_TOOLS.read_text(), str(export), str(trained_run.data_dir), "val",
+                               str(TINY["eval"]["max_samples"]), str(work), tmp=root)
 
 
 def test_the_text_generation_pipeline_samples_with_top_p_and_repetition_penalty(used: dict) -> None:
