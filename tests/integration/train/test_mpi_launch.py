@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 
-from train_support import REPO_ROOT, env
+from processes import REPO_ROOT, process_env
 
 # each rank writes its own file: mpirun's forwarding of several ranks' stdout may interleave lines
 PROBE = ("import sys; from pathlib import Path; from pipeline.launch import setup; d = setup(); "
@@ -20,7 +20,7 @@ def test_mpirun_ranks_get_their_real_rank_and_world_size(tmp_path) -> None:
     assert mpirun, "mpirun not found: apt-get install openmpi-bin"
     root_ok = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"} if os.geteuid() == 0 else {}
     proc = subprocess.run([mpirun, "--oversubscribe", "-np", "3", sys.executable, "-c", PROBE, str(tmp_path)],
-                          cwd=REPO_ROOT, env={**env(), **root_ok}, capture_output=True, text=True, timeout=120)
+                          cwd=REPO_ROOT, env=process_env(**root_ok), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = sorted(path.read_text().split() for path in tmp_path.iterdir())
     assert ranks == [[str(r), str(r), "3", "127.0.0.1", "mpi"] for r in range(3)]

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_support import REPO_ROOT, TINY, Run, env, kill_tree, run_train, start_train, tail, wait_for_step, write_config
+from processes import REPO_ROOT, kill_tree, process_env, tail
+from train_support import MAX_STEPS, Run, run_train, start_train, wait_for_step, write_config
 
 from pipeline.checkpoint import find_latest, load_consolidated, read_state
 
 pytestmark = pytest.mark.slow
-MAX_STEPS = TINY["train"]["max_steps"]
 BF16 = ("--nproc", "2", "--set", "train.precision=bf16")
 # bf16 keeps 8 bits of mantissa: a step's mean loss (~5) moves by ~1e-3 here after 16 steps; 0.05 is
 # 50x that and still 20x under what the run takes off the loss
@@ -73,13 +73,13 @@ def test_bf16_eval_scores_in_bf16_and_export_works(bf16_run: Run, tmp_path: Path
     out_json = tmp_path / "eval.json"
     cli = [sys.executable, "-m", "pipeline.cli"]
     proc = subprocess.run([*cli, "eval", "--checkpoint", str(bf16_run.output_dir), "--json", str(out_json)],
-                          cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=300)
+                          cwd=REPO_ROOT, env=process_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads(out_json.read_text())
     # the same bf16 weights in bf16: the ZeRO-3 engine's eval to ~1e-6; an fp32 eval is ~7e-4 off here
     for before, now in zip(trained["segments"], again["segments"], strict=True):
         assert now["ppl"] == pytest.approx(before["ppl"], rel=1e-4)
     proc = subprocess.run([*cli, "export", "--checkpoint", str(bf16_run.output_dir), "--out", str(tmp_path / "hf")],
-                          cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=300)
+                          cwd=REPO_ROOT, env=process_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "hf" / "model.safetensors").is_file()
