@@ -9,7 +9,7 @@ export DS_ACCELERATOR ?= cpu
 # `ninja` found there, and a different ninja (e.g. /usr/bin/ninja) forces a rebuild of the cache.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean kjv-books
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+
+# Real English text for configs/kjv.yaml: the 66 books of the King James Bible, one file each,
+# from the Debian package bible-kjv (`apt-get install bible-kjv`; .ci/run installs it).
+kjv-books: $(STAMP)
+	$(PY) -m data_prep.kjv runs/kjv/books
 
 clean:
 	rm -rf runs mlflow.db mlruns

@@ -17,6 +17,8 @@ class MemoryModelConfig(PretrainedConfig):
     segment_len: tokens per segment (the last segment of an input may be shorter).
     bptt_depth: loss of segment k sends gradient to segment j < k through memory iff
         ``k - j <= bptt_depth``; -1 means no limit (full backpropagation through time).
+    memory_write: rmt only: how the output at the write positions becomes the next read memory
+        (``paper`` | ``norm`` | ``gated``; see ``modeling_memtrain.RecurrentMemory``).
     armt_nu: DPFP feature-map order; armt_d_mem: width of the associative keys before DPFP.
     memory_init_std: std of the learned memory tokens; None = the decoder's ``initializer_range``.
     segment_checkpointing: recompute each segment in the backward pass (activation memory stays
@@ -33,6 +35,7 @@ class MemoryModelConfig(PretrainedConfig):
     num_memory_tokens: int = 8
     segment_len: int = 128
     bptt_depth: int = -1
+    memory_write: str = "paper"
     armt_nu: int = 3
     armt_d_mem: int = 64
     memory_init_std: float | None = None

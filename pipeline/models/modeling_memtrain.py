@@ -122,21 +122,51 @@ class FullAttention(NoMemory):
         return max(total, 1)
 
 
+WRITE_MODES = ("paper", "norm", "gated")
+
+
 class RecurrentMemory(MemoryKind):
     """``rmt``: inputs [read memory ; segment ; write memory]; the next memory comes from the outputs at
     the write positions (``write_memory``). The initial memory is a learned parameter [m, d].
 
     Positions are fixed: read 0..m-1, segment m.., write m+L..m+L+m-1 (L = segment_len), so a short
     last segment does not move the memory's positions.
+
+    ``config.memory_write``, how the outputs h at the write positions become the next memory:
+    ``paper``: h as is, the final (post-norm) hidden states (Bulatov et al. 2022). Their row norm is
+    ~sqrt(d) (~13 at d = 128 after training) against ~0.7 for a token embedding: read memory enters
+    the next segment an order of magnitude louder than any token.
+    ``norm``: RMS-normalised h times a learned per-channel gain initialised at the memory init std
+    (the embedding std), so memory enters at a token embedding's scale.
+    ``gated``: m' = m + z * (norm(h) - m), z = sigmoid(W h + b) per channel (W = 0, b = 0 at the
+    start): a learned keep-or-replace of each memory channel, written at the embedding scale.
+    memtrain builds with ``norm`` (``memory.write``), by measurement on real text (66 KJV books,
+    GPT-2 2x128, 300 steps; README "Memory on real text"): with 128-token segments ``paper`` is 23%
+    worse than no memory in every segment, ``norm`` 11%; with 64-token segments both beat no memory
+    (``paper`` by 3%, ``norm`` by 1%). The config's default stays ``paper`` so an export saved
+    before the setting existed loads as the model it was.
     """
 
     carries_state = True
 
     def __init__(self, config: MemoryModelConfig, decoder: PreTrainedModel | None = None):
         super().__init__(config)
+        hidden = config.decoder_config.hidden_size
         self.num_tokens = config.num_memory_tokens
         self.init_std = memory_init_std(config)
-        self.weight = nn.Parameter(torch.randn(self.num_tokens, config.decoder_config.hidden_size) * self.init_std)
+        self.write_mode = config.memory_write
+        self.weight = nn.Parameter(torch.randn(self.num_tokens, hidden) * self.init_std)
+        if self.write_mode != "paper":
+            self.write_gain = nn.Parameter(torch.full((hidden,), self.init_std))
+        if self.write_mode == "gated":
+            self.write_gate = nn.Parameter(torch.zeros(hidden, hidden))
+            self.write_gate_bias = nn.Parameter(torch.zeros(hidden))
+
+    @classmethod
+    def check(cls, config, sample_len=None):
+        super().check(config, sample_len)
+        if config.memory_write not in WRITE_MODES:
+            raise ValueError(f"memory_write must be one of {WRITE_MODES}, got {config.memory_write!r}")
 
     @staticmethod
     def reserved_positions(num_memory_tokens):
@@ -144,10 +174,22 @@ class RecurrentMemory(MemoryKind):
 
     def reset_parameters(self):
         nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+        if self.write_mode != "paper":
+            nn.init.constant_(self.write_gain, self.init_std)
+        if self.write_mode == "gated":
+            nn.init.zeros_(self.write_gate)
+            nn.init.zeros_(self.write_gate_bias)
 
-    def write_memory(self, written: torch.Tensor) -> torch.Tensor:
-        """The next memory [B, m, d] from the final hidden states at the write positions (as published)."""
-        return written
+    def write_memory(self, written: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """The next memory [B, m, d] from the final hidden states at the write positions and the read memory."""
+        if self.write_mode == "paper":
+            return written
+        rms = torch.rsqrt(written.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(written.dtype)
+        normed = written * rms * self.write_gain
+        if self.write_mode == "norm":
+            return normed
+        z = torch.sigmoid(F.linear(written, self.write_gate, self.write_gate_bias))
+        return memory + z * (normed - memory)
 
     def forward(self, backbone, state, segment, write):
         batch, length = segment.shape[:2]
@@ -156,7 +198,7 @@ class RecurrentMemory(MemoryKind):
         parts = [memory, segment] + ([memory] if write else [])
         ranges = [(0, m), (m, length)] + ([(m + self.segment_len, m)] if write else [])
         hidden = run_backbone(backbone, torch.cat(parts, dim=1), positions(*ranges, device=segment.device))
-        next_state = (self.write_memory(hidden[:, m + length:]),) if write else (memory,)
+        next_state = (self.write_memory(hidden[:, m + length:], memory),) if write else (memory,)
         return hidden[:, m:m + length], next_state
 
 

@@ -17,10 +17,11 @@ def reached_segments(model, k: int, embeds: torch.Tensor, segment_nll: torch.Ten
     return {j for j in range(N_SEGMENTS) if per_segment[j] > 0}
 
 
-@pytest.mark.parametrize("kind", ["rmt", "armt"])
+@pytest.mark.parametrize("kind,write", [("rmt", "paper"), ("rmt", "norm"), ("rmt", "gated"), ("armt", "paper")])
 @pytest.mark.parametrize("depth", [0, 1, 2, -1])
-def test_bptt_depth_is_exact_for_every_segment_pair(kind, depth):
-    model = tiny_model(kind, "gpt2", f"memory.bptt_depth={depth}", "model.segment_checkpointing=true").train()
+def test_bptt_depth_is_exact_for_every_segment_pair(kind, write, depth):
+    model = tiny_model(kind, "gpt2", f"memory.bptt_depth={depth}", f"memory.write={write}",
+                       "model.segment_checkpointing=true").train()
     ids = random_ids(2, N_SEGMENTS)
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     out = model(inputs_embeds=embeds, labels=ids)
@@ -44,15 +45,17 @@ def grads_of(model, ids) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind,depth", [("rmt", -1), ("rmt", 1), ("armt", -1), ("none", -1), ("full", -1)])
-def test_checkpointing_gives_the_same_loss_and_gradients(kind, depth):
+@pytest.mark.parametrize("kind,depth,write", [("rmt", -1, "paper"), ("rmt", 1, "paper"), ("rmt", 1, "gated"),
+                                              ("armt", -1, "paper"), ("none", -1, "paper"), ("full", -1, "paper")])
+def test_checkpointing_gives_the_same_loss_and_gradients(kind, depth, write):
     ids = random_ids(2, 4)
-    model = tiny_model(kind, "gpt2", f"memory.bptt_depth={depth}").train()
+    model = tiny_model(kind, "gpt2", f"memory.bptt_depth={depth}", f"memory.write={write}").train()
     reference_loss, reference = grads_of(model, ids)
     assert len(reference) == len(list(model.parameters()))
     model.config.segment_checkpointing = True
     variants = [grads_of(model, ids)]
-    layered = tiny_model(kind, "gpt2", f"memory.bptt_depth={depth}", "model.layer_checkpointing=true").train()
+    layered = tiny_model(kind, "gpt2", f"memory.bptt_depth={depth}", f"memory.write={write}",
+                         "model.layer_checkpointing=true").train()
     assert all(layer.gradient_checkpointing for layer in layered.decoder.base_model.modules()
                if hasattr(layer, "gradient_checkpointing") and layer is not layered.decoder.base_model)
     variants.append(grads_of(layered, ids))
@@ -81,3 +84,39 @@ def test_armt_state_is_reset_every_forward_and_never_saved():
     assert not any(key.endswith(("state", "matrix", "norm_state")) for key in keys)
     assert {k.rsplit(".", 1)[-1] for k in keys if ".h.0." in k and ".layer." not in k} == {
         "read_query", "write_key", "write_value", "write_gate", "write_gate_bias"}
+
+
+def written_memory(model, ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """(initial memory, the memory written by segment 0) of the first sample."""
+    _, (written,) = model.memory(model.decoder.base_model, None, model.get_input_embeddings()(ids[:, :SEGMENT_LEN]), True)
+    return model.memory.weight, written[0]
+
+
+def test_memory_write_modes_set_the_scale_the_next_segment_reads():
+    ids = random_ids(1, 2)
+    with torch.no_grad():
+        paper = tiny_model("rmt", "gpt2", "memory.write=paper")
+        initial, written = written_memory(paper, ids)
+        inputs = torch.cat([initial, paper.get_input_embeddings()(ids[0, :SEGMENT_LEN]), initial])[None]
+        positions = torch.arange(inputs.shape[1])[None]
+        final = paper.decoder.base_model(inputs_embeds=inputs, position_ids=positions).last_hidden_state[0]
+        torch.testing.assert_close(written, final[-3:])  # the paper's write: the final hidden states as they are
+        token_row = paper.get_input_embeddings().weight.norm(dim=-1).mean()
+        assert written.norm(dim=-1).min() > 10 * token_row  # post-norm: ~sqrt(d) per row
+
+        normed = tiny_model("rmt", "gpt2", "memory.write=norm")
+        _, written_normed = written_memory(normed, ids)
+        expected_row = normed.memory.init_std * 32 ** 0.5  # RMS 1 times the gain, d = 32
+        torch.testing.assert_close(written_normed.norm(dim=-1), torch.full((3,), expected_row), rtol=1e-4, atol=0)
+
+        gated = tiny_model("rmt", "gpt2", "memory.write=gated")
+        initial, written_gated = written_memory(gated, ids)
+        torch.testing.assert_close(written_gated, (initial + written_normed) / 2)  # z = 1/2 at the start
+
+
+def test_an_unknown_memory_write_is_a_config_error():
+    from pipeline.config import load_config
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="memory.write"):
+        load_config(None, ["memory.write=scaled"])
