@@ -18,7 +18,9 @@ class MemoryModelConfig(PretrainedConfig):
     bptt_depth: loss of segment k sends gradient to segment j < k through memory iff
         ``k - j <= bptt_depth``; -1 means no limit (full backpropagation through time).
     memory_write: rmt only: how the output at the write positions becomes the next read memory
-        (``paper`` | ``norm`` | ``gated``; see ``modeling_memtrain.RecurrentMemory``).
+        (``paper`` | ``norm`` | ``gated``; see ``modeling_memtrain.RecurrentMemory``). memtrain builds with
+        ``norm`` (``memory.write``); the default here stays ``paper`` so a config saved before
+        the setting existed loads as the model it was.
     armt_nu: DPFP feature-map order; armt_d_mem: width of the associative keys before DPFP.
     memory_init_std: std of the learned memory tokens; None = the decoder's ``initializer_range``.
     segment_checkpointing: recompute each segment in the backward pass (activation memory stays
