@@ -77,7 +77,8 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, bos_token_id: int, eos_t
             decoder_config=base, memory_kind=memory.kind, num_memory_tokens=memory.num_tokens,
             segment_len=cfg.data.segment_len, bptt_depth=memory.bptt_depth, memory_write=memory.write,
             armt_nu=memory.armt_nu, armt_d_mem=memory.armt_d_mem or min(DEFAULT_ARMT_D_MEM, hidden),
-            memory_init_std=init_std, segment_checkpointing=cfg.model.segment_checkpointing, vocab_size=vocab_size, **token_ids)
+            memory_init_std=init_std, segment_checkpointing=cfg.model.segment_checkpointing, vocab_size=vocab_size,
+            **token_ids)
         memory_kind(config, cfg.data.sample_len)
     except ValueError as err:
         raise UserError(f"memory.kind={memory.kind}: {err}") from None
