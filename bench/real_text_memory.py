@@ -35,7 +35,8 @@ def table(results: dict[str, EvalResult]) -> list[str]:
     lines = ["| segment | " + " | ".join(results) + " |", "| ---: |" + " ---: |" * len(results)]
     for k in range(n):
         lines.append(f"| {k} | " + " | ".join(f"{r.segments[k].ppl:.1f}" for r in results.values()) + " |")
-    lines.append("| 1.. | " + " | ".join(f"{NllRow.combine(r.segments[1:]).ppl:.1f}" for r in results.values()) + " |")
+    later = [NllRow.combine(r.segments[1:]).ppl for r in results.values()]
+    lines.append(f"| 1-{n - 1} | " + " | ".join(f"{ppl:.1f}" for ppl in later) + " |")
     lines.append("| all | " + " | ".join(f"{r.ppl:.1f}" for r in results.values()) + " |")
     return lines
 
@@ -62,13 +63,15 @@ def main() -> None:
         if kind == "full" and cfg.data.sample_len > cfg.model.max_positions:
             runs[-1].append(f"model.max_positions={cfg.data.sample_len}")
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
-        results = dict(zip(names, map(EvalResult.from_dict, pool.map(train_and_evaluate, [args.config] * len(runs), runs))))
+        dicts = pool.map(train_and_evaluate, [args.config] * len(runs), runs)
+        results = dict(zip(names, map(EvalResult.from_dict, dicts)))
     print("\n".join(table(results)))
     if "none" in results:
         none = results["none"]
-        ratios = {f"{name}_seg0": r.segments[0].ppl / none.segments[0].ppl for name, r in results.items() if name != "none"}
+        others = {name: r for name, r in results.items() if name != "none"}
+        ratios = {f"{name}_seg0": r.segments[0].ppl / none.segments[0].ppl for name, r in others.items()}
         ratios |= {f"{name}_later": NllRow.combine(r.segments[1:]).ppl / NllRow.combine(none.segments[1:]).ppl
-                   for name, r in results.items() if name != "none"}
+                   for name, r in others.items()}
         print("RESULT " + " ".join(f"{key}={value:.3f}" for key, value in ratios.items()))
 
 

@@ -43,7 +43,8 @@ def split_books(text: str) -> list[tuple[str, str]]:
 def write_books(out_dir: Path) -> int:
     """Write the books into ``out_dir`` (replaced atomically); the number of books."""
     if shutil.which("bible") is None:
-        raise UserError("the `bible` command is missing: install the Debian package bible-kjv (apt-get install bible-kjv)")
+        raise UserError("the `bible` command is missing: install the Debian package bible-kjv "
+                        "(apt-get install bible-kjv)")
     text = subprocess.run(["bible", WHOLE_BIBLE], check=True, capture_output=True, text=True).stdout
     books = split_books(text)
     if len(books) != BOOKS:

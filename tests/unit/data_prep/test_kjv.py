@@ -27,7 +27,8 @@ name was Elkanah.
 def test_books_are_cut_at_chapter_one_with_verse_numbers_stripped_and_lines_reflowed() -> None:
     assert split_books(PRINTED) == [
         ("Genesis", "In the beginning God created the heaven and the earth. And the earth was without form, and "
-                    "void; and darkness was upon the face of the deep.\n\nThus the heavens and the earth were finished.\n"),
+                    "void; and darkness was upon the face of the deep.\n\n"
+                    "Thus the heavens and the earth were finished.\n"),
         ("1 Samuel", "Now there was a certain man of Ramathaimzophim, of mount Ephraim, and his name was Elkanah.\n"),
     ]
 

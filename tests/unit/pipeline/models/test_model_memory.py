@@ -88,7 +88,8 @@ def test_armt_state_is_reset_every_forward_and_never_saved():
 
 def written_memory(model, ids) -> tuple[torch.Tensor, torch.Tensor]:
     """(initial memory, the memory written by segment 0) of the first sample."""
-    _, (written,) = model.memory(model.decoder.base_model, None, model.get_input_embeddings()(ids[:, :SEGMENT_LEN]), True)
+    segment = model.get_input_embeddings()(ids[:, :SEGMENT_LEN])
+    _, (written,) = model.memory(model.decoder.base_model, None, segment, True)
     return model.memory.weight, written[0]
 
 
