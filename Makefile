@@ -9,7 +9,7 @@ export DS_ACCELERATOR ?= cpu
 # `ninja` found there, and a different ninja (e.g. /usr/bin/ninja) forces a rebuild of the cache.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test test-fast bench clean kjv-books
+.PHONY: install system-deps demo test test-fast bench clean kjv-books
 
 install: $(STAMP)
 
@@ -27,7 +27,18 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/memtrain demo
 
-test: $(STAMP)
+# Debian packages the full suite uses: the real-text tests read the King James Bible (bible-kjv),
+# the launcher tests start a real mpirun (openmpi-bin), CPU ranks preload jemalloc when it is there
+# (libjemalloc2). As root they are installed here; otherwise one line says what to install.
+SYSTEM_PACKAGES := bible-kjv openmpi-bin libjemalloc2
+
+system-deps:
+	@dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	  else echo "make: the test suite needs the Debian packages: $(SYSTEM_PACKAGES) (sudo apt-get install them)"; exit 1; fi; }
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
