@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 STATE_FILE = "memtrain_state.json"
 LATEST_FILE = "latest"
 UNIVERSAL_DIR = "universal"
+POISONED_PREFIX = "poisoned-"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 
 
@@ -71,6 +72,14 @@ def find_latest(ckpt_dir: Path) -> Path | None:
             return tag_dir
     tags = complete_tags(ckpt_dir)
     return tags[-1] if tags else None
+
+
+def set_aside(tag_dir: Path) -> Path:
+    """Rename a poisoned tag dir out of the ``step_*`` namespace: never resumed, evaluated or pruned."""
+    target = tag_dir.with_name(f"{POISONED_PREFIX}{tag_dir.name}")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tag_dir, target)
+    return target
 
 
 def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
@@ -164,6 +173,8 @@ def load_consolidated(path: str | Path) -> tuple[dict[str, Any], Any, Path]:
     config_path = output_dir / "config.yaml"
     if not config_path.is_file():
         raise UserError(f"{config_path} is missing: {tag_dir} is not inside a memtrain train.output_dir")
+    if not config_path.read_text().strip():
+        raise UserError(f"{config_path} is empty: the run's config is lost, and defaults would build another model")
     cfg = load_config(config_path)
     try:
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
@@ -210,7 +221,36 @@ def load_trained_model(path: str | Path) -> TrainedModel:
     run_dir = tag_dir.parent.parent  # <train.output_dir>/checkpoints/<tag>
     state = read_json(tag_dir / STATE_FILE, "checkpoint state")
     manifest = read_json(run_dir / "data_manifest.json", "data manifest")
+    check_run_facts(cfg, manifest, state, run_dir)
+    check_finite(state_dict, tag_dir)
     return TrainedModel(build_from_state_dict(cfg, manifest, state_dict), cfg, run_dir, tag_dir, state, manifest)
+
+
+def check_run_facts(cfg: "ExperimentConfig", manifest: dict[str, Any], state: dict[str, Any], run_dir: Path) -> None:
+    """The run's config.yaml must agree with the data manifest and the checkpoint state saved beside it
+    (an edited or replaced config.yaml would otherwise build another model, silently)."""
+    from pipeline.data import curriculum_segments
+
+    facts = [("data.segment_len", cfg.data.segment_len, "data manifest", manifest.get("segment_len")),
+             ("data.n_segments", cfg.data.n_segments, "data manifest", manifest.get("n_segments"))]
+    if "n_segments" in state:
+        facts.append(("the curriculum's n_segments", curriculum_segments(cfg.train, int(state["step"]), cfg.data.n_segments),
+                      "checkpoint state", state["n_segments"]))
+    for key, mine, where, theirs in facts:
+        if theirs is not None and mine != theirs:
+            raise UserError(f"{run_dir / 'config.yaml'} does not belong to this run: {key}={mine} but the {where} "
+                            f"says {theirs}")
+
+
+def check_finite(state_dict: dict[str, Any], tag_dir: Path) -> None:
+    """Refuse weights holding NaN or inf: evaluated they give 'ppl nan', exported a broken model."""
+    import torch
+
+    bad = [key for key, value in state_dict.items()
+           if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise UserError(f"checkpoint {tag_dir} holds non-finite weights ({len(bad)} tensors, first {bad[0]}): "
+                        "the training diverged; use an earlier checkpoint (checkpoints/step_XXXXXXXX)")
 
 
 def gather_rng_states() -> list[dict[str, Any]]:

@@ -184,6 +184,19 @@ def check_data(cfg: ExperimentConfig, manifest: dict[str, Any], tokenizer_vocab:
         )
 
 
+def check_splits(cfg: ExperimentConfig, manifest: dict[str, Any], global_batch: int) -> None:
+    """Every split the run reads holds enough samples: a global batch of train, one sample of the
+    eval split (the final eval always runs). Found at start, not after the whole run."""
+    where = cfg.data.output_dir
+    counts = manifest["counts"]
+    if counts.get("train", 0) < global_batch:
+        raise UserError(f"the train split in {where} holds {counts.get('train', 0)} samples, fewer than one global "
+                        f"batch ({global_batch}); make more data or lower train.global_batch_size")
+    if counts.get(cfg.eval.split, 0) == 0:
+        raise UserError(f"the {cfg.eval.split} split in {where} holds no samples, and every run ends with an eval "
+                        f"on it; prepare with data.val_fraction > 0 or set eval.split")
+
+
 def open_train_split(data_dir: str | Path) -> Any:
     """The train split as a memory-mapped dataset returning numpy rows."""
     from data_prep.shards import open_split

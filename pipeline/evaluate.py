@@ -20,12 +20,14 @@ import argparse
 import csv
 import json
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ExperimentConfig, apply_overrides, build_config, load_config
 from pipeline.errors import UserError
+from pipeline.run_dir import RunDir, tag_for
 
 if TYPE_CHECKING:
     import datasets
@@ -308,6 +310,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """``memtrain eval --checkpoint DIR [--json OUT]``: print the per-segment table, save it beside the run."""
     from data_prep.manifest import read_manifest
     from data_prep.shards import open_split
+    from data_prep.verify import verify_splits
     from pipeline.checkpoint import load_trained_model
     from pipeline.report import save_eval
 
@@ -318,16 +321,24 @@ def run_eval(args: argparse.Namespace) -> int:
         from pipeline.babilong_eval import run_babilong_eval
 
         return run_babilong_eval(args, run, cfg)
+    if cfg.eval.baseline and not Path(cfg.eval.baseline).exists():
+        raise UserError(f"eval.baseline {cfg.eval.baseline} does not exist (from the run's config or --set); "
+                        "point it at the baseline's train.output_dir, or skip it with --set eval.baseline=null")
     baseline = load_trained_model(cfg.eval.baseline) if cfg.eval.baseline else None
-    others = {f"the data in {cfg.data.output_dir}": read_manifest(cfg.data.output_dir)}
+    data_manifest = read_manifest(cfg.data.output_dir)
+    others = {f"the data in {cfg.data.output_dir}": data_manifest}
     if baseline:
         others[f"eval.baseline {cfg.eval.baseline}"] = baseline.manifest
     for what, other in others.items():
         if not _same_tokens(other, run.manifest):
             raise UserError(f"{what} has another tokenizer or segment length than the checkpoint {args.checkpoint}")
 
+    verify_splits(cfg.data.output_dir, data_manifest, [cfg.eval.split], run.manifest["vocab_size"])
     dataset = open_split(cfg.data.output_dir, cfg.eval.split)
     result = evaluate_model(place_like_training(run.model, run.run_dir), dataset, cfg)
+    if not math.isfinite(result.ppl):
+        raise UserError(f"{run.tag_dir} gives perplexity {result.ppl} on the {cfg.eval.split} split: the model "
+                        "is unusable (diverged); evaluate an earlier checkpoint")
     if baseline:
         base_cfg = baseline.cfg.model_copy(update={"eval": cfg.eval})
         base_model = place_like_training(baseline.model, baseline.run_dir)
@@ -336,10 +347,13 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"{run.run_dir} step {run.step}: {result.n_samples} {cfg.eval.split} samples, "
           f"{len(result.segments)} segments of {result.segment_len} tokens, ppl {result.ppl:.3f}")
     print(result.format_table())
-    saved = save_eval(result, run.run_dir / "eval", f"step_{run.step:08d}")
-    if args.json:
-        saved.insert(0, result.to_json(args.json))
-    print("wrote " + ", ".join(str(p) for p in saved))
+    saved = [result.to_json(args.json)] if args.json else []
+    try:
+        saved += save_eval(result, RunDir.of(run.run_dir).eval_dir, tag_for(run.step))
+    except OSError as err:  # a read-only (shared, archived) run folder: the table above and --json suffice
+        print(f"not saved beside the run ({run.run_dir} is not writable: {err.strerror})", file=sys.stderr)
+    if saved:
+        print("wrote " + ", ".join(str(p) for p in saved))
     return 0
 
 

@@ -35,8 +35,9 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from pipeline.config import ExperimentConfig, flatten
 from pipeline.errors import UserError
@@ -254,13 +255,45 @@ def connect(uri: str | None, timeout_s: float) -> tuple["MlflowClient", str]:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri and uri.startswith(("http://", "https://")):
         wait_for_server(uri, timeout_s)
+    import mlflow
     from mlflow import MlflowClient
 
+    resolved = uri or mlflow.get_tracking_uri()
+    db = sqlite_path(resolved)
     try:
-        client = MlflowClient(tracking_uri=uri)
+        if db is None:
+            client = MlflowClient(tracking_uri=uri)
+        else:
+            # MLflow's default artifact root is ./mlruns of the working directory; keep them by the store
+            os.environ["_MLFLOW_SERVER_ARTIFACT_ROOT"] = (db.parent / "mlruns").resolve().as_uri()
+            with _exclusive(db.with_name(db.name + ".lock")):  # two first users race in the schema migration
+                client = MlflowClient(tracking_uri=resolved)
         return client, client.tracking_uri
     except Exception as err:  # noqa: BLE001 - a bad store URI is the user's to fix
-        raise UserError(f"MLflow tracking URI {uri!r}: {_first_line(err)}") from None
+        hint = ""
+        if db is not None and "_alembic_tmp" in str(err):
+            hint = (f"; the store {db} was left half-created by an interrupted first use: remove it if it holds "
+                    f"no runs, or repair it with `mlflow db upgrade {resolved}`")
+        raise UserError(f"MLflow tracking URI {uri or resolved!r}: {_first_line(err)}{hint}") from None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for any other store)."""
+    from urllib.parse import unquote
+
+    prefix = "sqlite:///"
+    return Path(unquote(uri[len(prefix):])) if uri.startswith(prefix) and uri != prefix + ":memory:" else None
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """A blocking ``flock`` on ``path`` (released when the block ends, or its process dies)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def wait_for_server(uri: str, timeout_s: float) -> None:

@@ -14,18 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import signal
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline import allocator, checkpoint, launch
 from pipeline.config import ExperimentConfig
 from pipeline.ds_config import batch_plan, json_precision, offloads_optimizer, resolve_ds_config, zero_stage
 from pipeline.errors import UserError
+from pipeline.run_dir import LOCK_OWNER_ENV, RunDir, die_with_parent, lock_held_by_parent
 
 EXIT_PREEMPTED = launch.EXIT_PREEMPTED
 
@@ -42,7 +45,12 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserError("--nproc starts local ranks itself; under torchrun/srun each command is already one rank")
     preflight(cfg, args.nproc)  # fail here, before any rank starts
     rank_argv = ["train", "--config", args.config, *(["--set", *args.overrides] if args.overrides else [])]
-    return launch.run_local_ranks(args.nproc, rank_argv, on_cpu=not launch.has_gpu())
+    with RunDir.of(cfg.train.output_dir).lock():  # held for the ranks, which die with this process
+        os.environ[LOCK_OWNER_ENV] = str(os.getpid())
+        try:
+            return launch.run_local_ranks(args.nproc, rank_argv, on_cpu=not launch.has_gpu())
+        finally:
+            del os.environ[LOCK_OWNER_ENV]
 
 
 @dataclass
@@ -56,13 +64,16 @@ def preflight(cfg: ExperimentConfig, world_size: int) -> Preflight:
     """Every check that needs no rank: the DeepSpeed JSON against the world size, the shards against
     the model and the config, the output dir against this config. UserError on the first problem."""
     from data_prep.manifest import read_manifest
+    from data_prep.verify import verify_splits
 
-    from pipeline.data import check_data
+    from pipeline.data import check_data, check_splits
 
     ds_config = resolve_ds_config(cfg, world_size)
     manifest = read_manifest(cfg.data.output_dir)
     vocab_size = tokenizer_vocab_size(Path(cfg.data.output_dir) / "tokenizer", manifest["vocab_size"])
     check_data(cfg, manifest, vocab_size)
+    check_splits(cfg, manifest, batch_plan(cfg.train, world_size).global_batch)
+    verify_splits(cfg.data.output_dir, manifest, {"train", cfg.eval.split}, vocab_size)
     check_same_run(cfg, manifest)
     return Preflight(ds_config, manifest, vocab_size)
 
@@ -182,9 +193,37 @@ def train(cfg: ExperimentConfig) -> int:
 
         ds_logger.setLevel("WARNING")
         deepspeed.init_distributed()
-        return Trainer(cfg, dist_env, checks).run(flag)
+        with run_lock(cfg, dist_env):
+            return Trainer(cfg, dist_env, checks).run(flag)
     finally:
         flag.restore()
+
+
+@contextmanager
+def run_lock(cfg: ExperimentConfig, dist_env: launch.DistEnv) -> Iterator[None]:
+    """The run folder's lock for this job (collective): a rank of ``--nproc`` dies with its launcher,
+    which holds the lock; otherwise rank 0 takes it and every rank stops if it could not."""
+    import deepspeed.comm as dist
+
+    if lock_held_by_parent():
+        die_with_parent()
+        yield
+        return
+    lock, error = None, None
+    if dist_env.is_main:
+        try:
+            lock = RunDir.of(cfg.train.output_dir).lock().acquire()
+        except UserError as err:
+            error = str(err)
+    verdict: list[str | None] = [error]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise UserError(verdict[0])
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class Trainer:
@@ -297,8 +336,11 @@ class Trainer:
             self.step += 1
             step_tokens = sum(counts) * cfg.data.segment_len * plan.micro * plan.world
             self.tokens_seen += step_tokens
-            # one collective per step: the mean loss, and whether any rank was asked to stop
-            shared = torch.stack([loss_sum, torch.tensor(float(flag.raised), dtype=torch.float64, device=device)])
+            # one collective per step: the mean loss, whether any rank was asked to stop, and how many
+            # ranks hold non-finite weights after the update
+            shared = torch.stack([loss_sum, torch.tensor(float(flag.raised), dtype=torch.float64, device=device),
+                                  torch.tensor(float(not local_weights_finite(self.engine)), dtype=torch.float64,
+                                               device=device)])
             self.dist.all_reduce(shared)
             shared = shared.cpu()
             elapsed = time.perf_counter() - started
@@ -310,19 +352,36 @@ class Trainer:
                 "samples_per_s": plan.global_batch / elapsed,
                 "n_segments": float(max(counts)),
             }
-            if not math.isfinite(metrics["loss"]):
-                raise RuntimeError(f"loss is {metrics['loss']} at step {self.step}")
+            self._stop_if_diverged(metrics["loss"], metrics["grad_norm"], weights_finite=bool(shared[2] == 0))
             self.tracker.log_metrics(metrics, step=self.step)
             self.progress.step(self.step, metrics)
             preempted, last = bool(shared[1] > 0), self.step == cfg.train.max_steps
-            if last or cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                self._evaluate(final=last)
+            # save first: an eval that fails (a damaged split, a full disk) never costs the checkpoint
             if preempted or last or self.step % cfg.train.save_every == 0:
                 self._save("preempted" if preempted else "final" if last else "periodic")
+            if last or cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                self._evaluate(final=last)
             if preempted:
                 self.progress.info(f"preempted: checkpoint saved at step {self.step}; exiting with {EXIT_PREEMPTED}")
                 return EXIT_PREEMPTED
         return 0
+
+    def _stop_if_diverged(self, loss: float, grad_norm: float, weights_finite: bool) -> None:
+        """Never save non-finite state. A non-finite loss at step N also condemns the checkpoint of step
+        N-1 (its weights produced that loss): rank 0 sets it aside so that it never becomes ``latest``."""
+        if math.isfinite(loss) and math.isfinite(grad_norm) and weights_finite:
+            return
+        what = (f"loss {loss}" if not math.isfinite(loss) else f"grad norm {grad_norm}" if not math.isfinite(grad_norm)
+                else "non-finite weights after the update")
+        note = ""
+        suspect = self.ckpt_dir / checkpoint.tag_for(self.step - 1)
+        if not math.isfinite(loss) and self.env.is_main and checkpoint.is_complete(suspect):
+            note = f"; its weights came from checkpoint {suspect.name}, set aside as {checkpoint.set_aside(suspect).name}"
+        self.dist.barrier()
+        latest = checkpoint.find_latest(self.ckpt_dir)
+        raise UserError(f"training diverged at step {self.step} ({what}){note}; nothing was saved from it, "
+                        f"latest checkpoint: {latest.name if latest else 'none'}; lower train.lr or raise "
+                        "train.warmup_steps")
 
     def _evaluate(self, final: bool) -> None:
         """Collective: every rank evaluates its share; rank 0 writes eval/step_XXXXXXXX.* and logs them."""
@@ -374,3 +433,16 @@ class Trainer:
                  "mlflow_run_id": self.tracker.run_id, "n_segments": n_segments, "reason": reason}
         tag_dir = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, state, self.cfg.train.keep_last)
         self.progress.info(f"saved {tag_dir} ({reason})")
+
+
+def local_weights_finite(engine: Any) -> bool:
+    """Whether this rank's share of the weights is finite: its ZeRO-3 partition (``ds_tensor``), or
+    the whole parameter at lower stages. Cheap next to a step: one pass over this rank's numbers."""
+    import torch
+
+    for param in engine.module.parameters():
+        held = getattr(param, "ds_tensor", None)
+        held = param.data if held is None else held
+        if held.numel() and not bool(torch.isfinite(held).all()):
+            return False
+    return True

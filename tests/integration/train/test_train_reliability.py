@@ -1,0 +1,142 @@
+"""Nothing lost, nothing silently wrong (issue 17), on real 2-rank ZeRO-3 runs: a failing final eval
+keeps the final checkpoint, a diverged run never leaves a poisoned `latest`, eval and export refuse
+non-finite or mismatched checkpoints, one writer per run folder, ranks die with their launcher, eval
+works on a read-only run folder."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from train_support import REPO_ROOT, Run, env, kill_tree, run_train, start_train, tail, wait_for_step, write_config
+
+from pipeline.checkpoint import find_latest, is_complete, read_state
+from pipeline.run_dir import RunDir
+
+pytestmark = pytest.mark.slow
+
+
+def memtrain(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO_ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_error_line(proc: subprocess.CompletedProcess, command: str) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(f"memtrain {command}: error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def failed_eval_run(train_root: Path, tiny_data: Path) -> Run:
+    """3 steps, no periodic save, and a final eval that cannot write its files (eval/ is a file)."""
+    out = train_root / "failed-eval"
+    out.mkdir()
+    (out / "eval").write_text("in the way")
+    config = write_config(train_root / "failed-eval.yaml", tiny_data, out, None)
+    log = train_root / "failed-eval.log"
+    code = run_train(config, "--nproc", "2", "--set", "train.max_steps=3", "train.save_every=100", log=log)
+    return Run(config, out, log, code)
+
+
+def test_a_failed_final_eval_never_costs_the_final_checkpoint(failed_eval_run: Run) -> None:
+    assert failed_eval_run.returncode != 0, tail(failed_eval_run.log)
+    latest = find_latest(failed_eval_run.output_dir / "checkpoints")
+    assert latest is not None and read_state(latest)["step"] == 3, tail(failed_eval_run.log)
+
+
+@pytest.fixture()
+def run_copy(failed_eval_run: Run, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(failed_eval_run.output_dir, copy)
+    (copy / "eval").unlink()
+    return copy
+
+
+def test_eval_and_export_refuse_non_finite_weights(run_copy: Path, tmp_path: Path) -> None:
+    tag_dir = find_latest(run_copy / "checkpoints")
+    optim = tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    states = torch.load(optim, weights_only=False)
+    with torch.no_grad():
+        states["optimizer_state_dict"]["fp32_flat_groups"][0][3] = float("nan")
+    torch.save(states, optim)
+    assert "holds non-finite weights" in one_error_line(memtrain("eval", "--checkpoint", str(run_copy)), "eval")
+    export = memtrain("export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "hf"))
+    assert "holds non-finite weights" in one_error_line(export, "export")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("content", ["", "data:\n  segment_len: 32\n"])
+def test_a_replaced_config_yaml_is_refused(content: str, run_copy: Path, tmp_path: Path) -> None:
+    (run_copy / "config.yaml").write_text(content)  # empty: defaults would give segment_len 128
+    export = memtrain("export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "hf"))
+    assert "config.yaml" in one_error_line(export, "export")
+
+
+def test_eval_names_a_damaged_val_shard(run_copy: Path, tiny_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    victim = next((data / "val").glob("*.arrow"))
+    payload = bytearray(victim.read_bytes())
+    payload[len(payload) // 2] ^= 0x01
+    victim.write_bytes(bytes(payload))
+    config = run_copy / "config.yaml"
+    config.write_text(config.read_text().replace(str(tiny_data), str(data)))
+    line = one_error_line(memtrain("eval", "--checkpoint", str(run_copy)), "eval")
+    assert f"shard {victim} is damaged" in line
+
+
+def test_eval_of_a_read_only_run_folder_prints_and_writes_json(run_copy: Path, tmp_path: Path) -> None:
+    if subprocess.run(["mount", "--bind", str(run_copy), str(run_copy)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (needs root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(run_copy)], check=True)
+        proc = memtrain("eval", "--checkpoint", str(run_copy), "--json", str(tmp_path / "eval.json"))
+    finally:
+        subprocess.run(["umount", str(run_copy)], check=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "not saved beside the run" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "eval.json").is_file() and not (run_copy / "eval").exists()
+
+
+def test_a_diverged_run_leaves_no_poisoned_latest(train_root: Path, tiny_data: Path) -> None:
+    out = train_root / "diverged"
+    config = write_config(train_root / "diverged.yaml", tiny_data, out, None)
+    log = train_root / "diverged.log"
+    code = run_train(config, "--nproc", "2", "--set", "train.lr=1e9", "train.warmup_steps=0", "train.save_every=1",
+                     "train.max_steps=6", log=log)
+    assert code != 0, tail(log)
+    assert "training diverged at step" in tail(log)
+    latest = find_latest(out / "checkpoints")
+    if latest is not None:  # whatever is left to resume, evaluate or export from is finite
+        proc = memtrain("eval", "--checkpoint", str(out))
+        assert proc.returncode == 0, proc.stderr
+    assert list((out / "checkpoints").glob("poisoned-step_*")), tail(log)
+
+
+def test_one_writer_per_run_folder_and_ranks_die_with_their_launcher(train_root: Path, tiny_data: Path) -> None:
+    out = train_root / "locked"
+    config = write_config(train_root / "locked.yaml", tiny_data, out, None)
+    log = train_root / "locked.log"
+    first = start_train(config, "--nproc", "2", "--set", "train.max_steps=100000", "train.save_every=100000", log=log)
+    try:
+        wait_for_step(out / "logs" / "train.log", 1, first)
+        second = memtrain("train", "--config", str(config), "--nproc", "2")
+        assert f"train.output_dir {out} is in use by another memtrain train (pid {first.pid}" in \
+            one_error_line(second, "train")
+        ranks = psutil.Process(first.pid).children(recursive=True)
+        assert len([r for r in ranks if "pipeline.cli" in " ".join(r.cmdline())]) == 2
+        first.kill()  # kill -9 of the launcher alone
+        first.wait(30)
+        gone, alive = psutil.wait_procs(ranks, timeout=30)
+        assert not alive, f"ranks outlived their launcher: {alive}"
+    finally:
+        kill_tree(first)
+    RunDir.of(out).lock().acquire().release()  # not left stuck
