@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from data_prep.atomic import temporary, write_json, write_text
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
@@ -47,12 +48,6 @@ def is_complete(tag_dir: Path) -> bool:
 
 def read_state(tag_dir: Path) -> dict[str, Any]:
     return json.loads((tag_dir / STATE_FILE).read_text())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def complete_tags(ckpt_dir: Path) -> list[Path]:
@@ -91,8 +86,8 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     tag_dir = ckpt_dir / tag
     if dist.get_rank() == 0:
-        _atomic_write(tag_dir / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
-        _atomic_write(ckpt_dir / LATEST_FILE, tag)
+        write_json(tag_dir / STATE_FILE, state, indent=2)
+        write_text(ckpt_dir / LATEST_FILE, tag)
         prune(ckpt_dir, keep_last)
     dist.barrier()
     return tag_dir
@@ -121,8 +116,7 @@ def convert_to_universal(tag_dir: Path) -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary(target)
     workers = str(max(1, min(8, len(os.sched_getaffinity(0)))))  # the cores this rank may use: a large model's shards take long
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
            "--output_folder", str(tmp), "--inject_missing_state",
@@ -134,7 +128,7 @@ def convert_to_universal(tag_dir: Path) -> Path:
         raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed:\n{tail}")
     shutil.copy2(tag_dir / STATE_FILE, tmp / STATE_FILE)
     os.replace(tmp, target)
-    _atomic_write(target.parent / "latest_universal", target.name)
+    write_text(target.parent / "latest_universal", target.name)
     return target
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from data_prep.atomic import write_text
 from pipeline.errors import UserError
 
 
@@ -364,11 +365,7 @@ class ExperimentConfig(Section):
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml())
-        tmp.replace(path)
+        write_text(path, self.to_yaml())
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

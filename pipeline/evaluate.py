@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from data_prep.atomic import replacing, write_text
 from pipeline.config import ExperimentConfig, apply_overrides, build_config, load_config
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir, tag_for
@@ -123,7 +124,7 @@ class EvalResult:
         )
 
     def to_json(self, path: str | Path) -> Path:
-        return _write_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        return write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "EvalResult":
@@ -131,10 +132,7 @@ class EvalResult:
 
     def to_csv(self, path: str | Path) -> Path:
         """One tidy table: a row per (run, protocol, segment, history), ready for pandas or a sheet."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
+        with replacing(path) as tmp, tmp.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["run", "protocol", "segment", "history", "nll_sum", "tokens", "ppl",
                              "recall_nll_sum", "recall_tokens", "recall_ppl"])
@@ -145,8 +143,7 @@ class EvalResult:
                     writer.writerow([name, "per_segment", k, k, *_csv_cells(row)])
                 for h, row in enumerate(result.history or []):
                     writer.writerow([name, "history_target", last, h, *_csv_cells(row)])
-        tmp.replace(path)
-        return path
+        return Path(path)
 
     def format_table(self, markdown: bool = False) -> str:
         """segment | ppl | recall ppl [| baseline ppl | baseline recall ppl], then the history table."""
@@ -166,14 +163,6 @@ def _finite_or_none(value: float) -> float | None:
 
 def _csv_cells(row: NllRow) -> list[Any]:
     return [row.nll_sum, row.tokens, row.ppl, row.recall_nll_sum, row.recall_tokens, row.recall_ppl]
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
 
 
 def _table(index: str, rows: list[NllRow], baseline: list[NllRow] | None, recall: bool, markdown: bool,

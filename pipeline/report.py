@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from data_prep.atomic import replacing
 from pipeline.evaluate import EvalResult, NllRow
 
 
@@ -50,9 +51,6 @@ def plot_segments(result: EvalResult, path: str | Path) -> Path:
         ax.legend()
     fig.suptitle(f"{result.split} split, {result.n_samples} samples, {result.segment_len}-token segments")
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
-    return path
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)

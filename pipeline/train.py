@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from data_prep.atomic import write_bytes, write_text
 from pipeline import allocator, checkpoint, launch
 from pipeline.config import ExperimentConfig
 from pipeline.ds_config import batch_plan, json_precision, offloads_optimizer, resolve_ds_config, zero_stage
@@ -297,10 +298,10 @@ class Trainer:
         """config.yaml, ds_config.json, the tokenizer and the data manifest: the run dir is self-contained."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.cfg.save(self.out / "config.yaml")
-        (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        write_text(self.out / "ds_config.json", json.dumps(self.ds_config, indent=2))
         data_dir = Path(self.cfg.data.output_dir)
         shutil.copytree(data_dir / "tokenizer", self.out / "tokenizer", dirs_exist_ok=True)
-        shutil.copy2(data_dir / "manifest.json", self.out / "data_manifest.json")
+        write_bytes(self.out / "data_manifest.json", (data_dir / "manifest.json").read_bytes())
 
     def run(self, flag: PreemptionFlag) -> int:
         status = "FAILED"
