@@ -18,36 +18,67 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_prep.atomic import temporary, write_json, write_text
 from pipeline.errors import UserError
+from pipeline.run_dir import RunDir, tag_for
 
 if TYPE_CHECKING:
     from pipeline.config import ExperimentConfig
     from pipeline.models import MemoryModelForCausalLM
 
 STATE_FILE = "memtrain_state.json"
+STATE_SCHEMA = 1
 LATEST_FILE = "latest"
 UNIVERSAL_DIR = "universal"
 POISONED_PREFIX = "poisoned-"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
 def is_complete(tag_dir: Path) -> bool:
     return (tag_dir / STATE_FILE).is_file()
 
 
+class CheckpointState(BaseModel):
+    """``memtrain_state.json``: every fact of a checkpoint besides DeepSpeed's own files, kept once.
+    DeepSpeed's client state holds only what must be per rank (the RNG states). Rank 0 writes this
+    file last; its presence makes the tag complete."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = STATE_SCHEMA
+    step: int = Field(ge=0)
+    tokens_seen: int = Field(ge=0)
+    world_size: int = Field(ge=1)
+    n_segments: int = Field(ge=1)  # the curriculum's at this step
+    data_position: dict[str, Any]  # the training walk's position (pipeline.data: TrainBatches or LengthPools)
+    mlflow_run_id: str | None
+    reason: Literal["periodic", "final", "preempted"]
+
+    @classmethod
+    def read(cls, tag_dir: Path) -> "CheckpointState":
+        """The validated state of a tag dir; a missing, torn or foreign file is one UserError line."""
+        path = tag_dir / STATE_FILE
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise UserError(f"{path} is missing: the checkpoint is incomplete") from None
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "file"
+            raise UserError(f"{path} is not a memtrain checkpoint state of schema {STATE_SCHEMA} "
+                            f"({where}: {first['msg']}); it was written by another memtrain version") from None
+
+    def write(self, tag_dir: Path) -> None:
+        write_json(tag_dir / STATE_FILE, self.model_dump(mode="json"), indent=2)
+
+
 def read_state(tag_dir: Path) -> dict[str, Any]:
-    return json.loads((tag_dir / STATE_FILE).read_text())
+    """The validated state as a plain dict (``CheckpointState.read`` for the typed one)."""
+    return CheckpointState.read(tag_dir).model_dump()
 
 
 def complete_tags(ckpt_dir: Path) -> list[Path]:
@@ -77,16 +108,16 @@ def set_aside(tag_dir: Path) -> Path:
     return target
 
 
-def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
-         state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank writes its shards; rank 0 then seals the tag and prunes old ones."""
+def save(engine: Any, ckpt_dir: Path, state: CheckpointState, keep_last: int) -> Path:
+    """Collective: every rank writes its shards (and the RNG states of all ranks as client state);
+    rank 0 then seals the tag with ``state`` and prunes old ones."""
     import deepspeed.comm as dist
 
-    tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    tag = tag_for(state.step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"rng": gather_rng_states()}, save_latest=False)
     tag_dir = ckpt_dir / tag
     if dist.get_rank() == 0:
-        write_json(tag_dir / STATE_FILE, state, indent=2)
+        state.write(tag_dir)
         write_text(ckpt_dir / LATEST_FILE, tag)
         prune(ckpt_dir, keep_last)
     dist.barrier()
@@ -137,10 +168,11 @@ def resolve_tag_dir(path: str | Path) -> Path:
     path = Path(path)
     if is_complete(path):
         return path
-    if (path / "checkpoints").is_dir():
-        latest = find_latest(checkpoints_dir(path))
+    run = RunDir.of(path)
+    if run.checkpoints.is_dir():
+        latest = find_latest(run.checkpoints)
         if latest is None:
-            raise UserError(f"no complete checkpoint in {path / 'checkpoints'}")
+            raise UserError(f"no complete checkpoint in {run.checkpoints}")
         return latest
     if TAG_PATTERN.match(path.name) and path.is_dir():
         raise UserError(f"checkpoint {path} is incomplete (no {STATE_FILE}: the save was interrupted)")
@@ -163,8 +195,7 @@ def load_consolidated(path: str | Path) -> tuple[dict[str, Any], Any, Path]:
     from pipeline.config import load_config
 
     tag_dir = resolve_tag_dir(path)
-    output_dir = tag_dir.parent.parent
-    config_path = output_dir / "config.yaml"
+    config_path = RunDir.of_tag_dir(tag_dir).config
     if not config_path.is_file():
         raise UserError(f"{config_path} is missing: {tag_dir} is not inside a memtrain train.output_dir")
     if not config_path.read_text().strip():
@@ -212,15 +243,15 @@ def build_from_state_dict(cfg: "ExperimentConfig", manifest: dict[str, Any],
 def load_trained_model(path: str | Path) -> TrainedModel:
     """``train.output_dir`` (its latest checkpoint) or one tag dir -> the model eval and export work on."""
     state_dict, cfg, tag_dir = load_consolidated(path)
-    run_dir = tag_dir.parent.parent  # <train.output_dir>/checkpoints/<tag>
-    state = read_json(tag_dir / STATE_FILE, "checkpoint state")
-    manifest = read_json(run_dir / "data_manifest.json", "data manifest")
-    check_run_facts(cfg, manifest, state, run_dir)
+    run = RunDir.of_tag_dir(tag_dir)
+    state = read_state(tag_dir)
+    manifest = read_json(run.data_manifest, "data manifest")
+    check_run_facts(cfg, manifest, state, run)
     check_finite(state_dict, tag_dir)
-    return TrainedModel(build_from_state_dict(cfg, manifest, state_dict), cfg, run_dir, tag_dir, state, manifest)
+    return TrainedModel(build_from_state_dict(cfg, manifest, state_dict), cfg, run.root, tag_dir, state, manifest)
 
 
-def check_run_facts(cfg: "ExperimentConfig", manifest: dict[str, Any], state: dict[str, Any], run_dir: Path) -> None:
+def check_run_facts(cfg: "ExperimentConfig", manifest: dict[str, Any], state: dict[str, Any], run: RunDir) -> None:
     """The run's config.yaml must agree with the data manifest and the checkpoint state saved beside it
     (an edited or replaced config.yaml would otherwise build another model, silently)."""
     from pipeline.data import curriculum_segments
@@ -232,7 +263,7 @@ def check_run_facts(cfg: "ExperimentConfig", manifest: dict[str, Any], state: di
                       "checkpoint state", state["n_segments"]))
     for key, mine, where, theirs in facts:
         if theirs is not None and mine != theirs:
-            raise UserError(f"{run_dir / 'config.yaml'} does not belong to this run: {key}={mine} but the {where} "
+            raise UserError(f"{run.config} does not belong to this run: {key}={mine} but the {where} "
                             f"says {theirs}")
 
 

@@ -20,6 +20,7 @@ from pipeline.cli import config_from_args
 from pipeline.config import ExperimentConfig
 from pipeline.errors import UserError
 from pipeline.evaluate import EvalResult, NllRow
+from pipeline.run_dir import RunDir
 from pipeline.tracking import connect
 
 DEMO_RANKS = 2
@@ -87,7 +88,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print("\n=== 6/6 generate from the export (plain transformers, trust_remote_code)", flush=True)
     print(repr(generate_from_export(export_dir, cfg)))
 
-    plots = sorted((Path(cfg.train.output_dir) / "eval").glob("*.png"))
+    plots = sorted(RunDir.of(cfg.train.output_dir).eval_dir.glob("*.png"))
     result = EvalResult.from_json(eval_json)
     _, tracking = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)  # the store the runs logged to
     print(f"\nDemo finished in {time.monotonic() - started:.0f} s. Per-segment perplexity on {result.n_samples} "

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import ExperimentConfig
 from pipeline.errors import UserError
+from pipeline.run_dir import RunDir, tag_for
 
 if TYPE_CHECKING:
     from pipeline.model_card import CardEvaluation
@@ -97,7 +98,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
     out = Path(out).absolute()  # "." has no name to stage beside
     check_destination(out, Path(checkpoint), force)
     model, cfg, train_dir, _, state, manifest = load_trained_model(checkpoint)
-    tokenizer_dir = train_dir / "tokenizer"
+    tokenizer_dir = RunDir.of(train_dir).tokenizer
     if not tokenizer_dir.is_dir():
         raise UserError(f"tokenizer not found: {tokenizer_dir} (is the checkpoint folder complete?)")
     dtype = dtype or cfg.export.dtype
@@ -135,8 +136,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
 
 def eval_file(train_dir: Path, step: int) -> Path | None:
     """``eval/step_XXXXXXXX.json`` of this step if there is one, else the newest one, else None."""
-    folder = train_dir / "eval"
-    exact = folder / f"step_{step:08d}.json"
+    folder = RunDir.of(train_dir).eval_dir
+    exact = folder / f"{tag_for(step)}.json"
     if exact.is_file():
         return exact
     found = sorted(folder.glob("step_*.json"))
@@ -200,7 +201,7 @@ def log_to_mlflow(export: Export) -> None:
 
     try:
         client, _ = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)
-        client.log_artifacts(export.mlflow_run_id, str(export.folder), artifact_path=f"export/step_{export.step:08d}")
+        client.log_artifacts(export.mlflow_run_id, str(export.folder), artifact_path=f"export/{tag_for(export.step)}")
     except Exception as err:  # noqa: BLE001 - tracking must never fail an export that is already on disk
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         print(f"memtrain export: warning: not logged to MLflow run {export.mlflow_run_id}: "

@@ -29,7 +29,7 @@ from pipeline import allocator, checkpoint, launch
 from pipeline.config import ExperimentConfig
 from pipeline.ds_config import batch_plan, json_precision, offloads_optimizer, resolve_ds_config, zero_stage
 from pipeline.errors import UserError
-from pipeline.run_dir import LOCK_OWNER_ENV, RunDir, die_with_parent, lock_held_by_parent
+from pipeline.run_dir import LOCK_OWNER_ENV, RunDir, die_with_parent, lock_held_by_parent, tag_for
 
 EXIT_PREEMPTED = launch.EXIT_PREEMPTED
 
@@ -99,19 +99,19 @@ def check_same_run(cfg: ExperimentConfig, manifest: dict[str, Any]) -> None:
     """An output dir with checkpoints is resumed: its model, memory and tokenizer must be this config's."""
     from pipeline.config import load_config
 
-    out = Path(cfg.train.output_dir)
-    if checkpoint.find_latest(checkpoint.checkpoints_dir(out)) is None:
+    run = RunDir.of(cfg.train.output_dir)
+    if checkpoint.find_latest(run.checkpoints) is None:
         return
-    saved = load_config(out / "config.yaml")
+    saved = load_config(run.config)
     for section in ("model", "memory"):
         before, now = getattr(saved, section).model_dump(), getattr(cfg, section).model_dump()
         changed = [f"{section}.{key}: {before[key]!r} -> {now[key]!r}" for key in now if before.get(key) != now[key]]
         if changed:
-            raise UserError(f"train.output_dir {out} holds checkpoints of another model ({changed[0]}); "
+            raise UserError(f"train.output_dir {run.root} holds checkpoints of another model ({changed[0]}); "
                             "use a new train.output_dir")
-    saved_manifest = json.loads((out / "data_manifest.json").read_text())
+    saved_manifest = json.loads(run.data_manifest.read_text())
     if saved_manifest.get("tokenizer_hash") != manifest.get("tokenizer_hash"):
-        raise UserError(f"train.output_dir {out} was trained with another tokenizer than the one in {cfg.data.output_dir}")
+        raise UserError(f"train.output_dir {run.root} was trained with another tokenizer than the one in {cfg.data.output_dir}")
 
 
 class PreemptionFlag:
@@ -173,7 +173,7 @@ def resume_point(ckpt_dir: Path, world_size: int, is_main: bool) -> ResumePoint 
     tag_dir = checkpoint.find_latest(ckpt_dir)
     if tag_dir is None:
         return None
-    if checkpoint.read_state(tag_dir)["world_size"] == world_size:
+    if checkpoint.CheckpointState.read(tag_dir).world_size == world_size:
         return ResumePoint(tag_dir, ckpt_dir, universal=False)
     if is_main:
         checkpoint.convert_to_universal(tag_dir)
@@ -241,8 +241,8 @@ class Trainer:
 
         started = time.perf_counter()
         self.cfg, self.env, self.dist = cfg, dist_env, dist
-        self.out = Path(cfg.train.output_dir)
-        self.ckpt_dir = checkpoint.checkpoints_dir(self.out)
+        self.run_dir = RunDir.of(cfg.train.output_dir)
+        self.ckpt_dir = self.run_dir.checkpoints
         self.plan = batch_plan(cfg.train, dist_env.world_size)
         self.resume = resume_point(self.ckpt_dir, dist_env.world_size, dist_env.is_main)
         self.ds_config = checks.ds_config
@@ -260,14 +260,15 @@ class Trainer:
         self.step, self.tokens_seen, run_id, position = 0, 0, None, None
         rng_states: list[dict[str, Any]] = []
         if self.resume is not None:
-            client = self._load_checkpoint(self.resume)
-            self.step, self.tokens_seen = client["step"], client["tokens_seen"]
-            position, run_id, rng_states = client["data_position"], client["mlflow_run_id"], client["rng"]
+            state = checkpoint.CheckpointState.read(self.resume.tag_dir)
+            rng_states = self._load_checkpoint(self.resume)["rng"]
+            self.step, self.tokens_seen, run_id = state.step, state.tokens_seen, state.mlflow_run_id
+            position = state.data_position
         self.batches = make_train_batches(open_train_split(cfg.data.output_dir), self.plan, dist_env.rank,
                                           cfg.data.segment_len, cfg.train.seed, position)
         self.tracker = start_tracking(cfg, self.ds_config, run_id=run_id, world_size=dist_env.world_size,
                                       rank=dist_env.rank)
-        self.progress = Progress(self.out / "logs" / "train.log", self.step, cfg.train.max_steps,
+        self.progress = Progress(self.run_dir.train_log, self.step, cfg.train.max_steps,
                                  cfg.train.log_every, enabled=dist_env.is_main)
         self._eval_split: Any = None
         checkpoint.restore_rng_states(rng_states, dist_env.rank, cfg.train.seed)  # last: nothing may draw after it
@@ -296,12 +297,12 @@ class Trainer:
 
     def _write_run_files(self) -> None:
         """config.yaml, ds_config.json, the tokenizer and the data manifest: the run dir is self-contained."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(self.out / "config.yaml")
-        write_text(self.out / "ds_config.json", json.dumps(self.ds_config, indent=2))
+        run = self.run_dir
+        self.cfg.save(run.config)
+        write_text(run.ds_config, json.dumps(self.ds_config, indent=2))
         data_dir = Path(self.cfg.data.output_dir)
-        shutil.copytree(data_dir / "tokenizer", self.out / "tokenizer", dirs_exist_ok=True)
-        write_bytes(self.out / "data_manifest.json", (data_dir / "manifest.json").read_bytes())
+        shutil.copytree(data_dir / "tokenizer", run.tokenizer, dirs_exist_ok=True)
+        write_bytes(run.data_manifest, (data_dir / "manifest.json").read_bytes())
 
     def run(self, flag: PreemptionFlag) -> int:
         status = "FAILED"
@@ -375,7 +376,7 @@ class Trainer:
         what = (f"loss {loss}" if not math.isfinite(loss) else f"grad norm {grad_norm}" if not math.isfinite(grad_norm)
                 else "non-finite weights after the update")
         note = ""
-        suspect = self.ckpt_dir / checkpoint.tag_for(self.step - 1)
+        suspect = self.run_dir.tag_dir(self.step - 1)
         if not math.isfinite(loss) and self.env.is_main and checkpoint.is_complete(suspect):
             note = f"; its weights came from checkpoint {suspect.name}, set aside as {checkpoint.set_aside(suspect).name}"
         self.dist.barrier()
@@ -401,7 +402,7 @@ class Trainer:
             self.tracker.log_metrics({f"eval/babilong_{task}_tf_accuracy": acc for task, acc in qa.items()}, step=self.step)
             self.progress.info(f"eval at step {self.step}: teacher-forced answer accuracy "
                                + " ".join(f"{task} {acc:.3f}" for task, acc in qa.items()))
-        files = save_eval(result, self.out / "eval", checkpoint.tag_for(self.step))
+        files = save_eval(result, self.run_dir.eval_dir, tag_for(self.step))
         self.tracker.log_eval(result, step=self.step, files=files)
         if final:
             self.tracker.log_final_curve(result, files=files)
@@ -421,18 +422,11 @@ class Trainer:
     def _save(self, reason: str) -> None:
         from pipeline.data import curriculum_segments
 
-        n_segments = curriculum_segments(self.cfg.train, self.step, self.cfg.data.n_segments)
-        client = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "data_position": self.batches.position.as_dict(),
-            "rng": checkpoint.gather_rng_states(),
-            "n_segments": n_segments,
-            "mlflow_run_id": self.tracker.run_id,
-        }
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.env.world_size,
-                 "mlflow_run_id": self.tracker.run_id, "n_segments": n_segments, "reason": reason}
-        tag_dir = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, state, self.cfg.train.keep_last)
+        state = checkpoint.CheckpointState(
+            step=self.step, tokens_seen=self.tokens_seen, world_size=self.env.world_size,
+            n_segments=curriculum_segments(self.cfg.train, self.step, self.cfg.data.n_segments),
+            data_position=self.batches.position.as_dict(), mlflow_run_id=self.tracker.run_id, reason=reason)
+        tag_dir = checkpoint.save(self.engine, self.ckpt_dir, state, self.cfg.train.keep_last)
         self.progress.info(f"saved {tag_dir} ({reason})")
 
 

@@ -28,7 +28,9 @@ from data_prep.shards import open_split  # noqa: E402
 from pipeline import checkpoint  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluate import evaluate_model  # noqa: E402
+from pipeline.data import curriculum_segments  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
+from pipeline.run_dir import RunDir  # noqa: E402
 
 
 def main(job_path: str) -> None:
@@ -63,7 +65,9 @@ def main(job_path: str) -> None:
     if rank == 0:  # the files `memtrain train` puts beside its checkpoints
         cfg.save(run_dir / "config.yaml")
         shutil.copy2(Path(cfg.data.output_dir) / "manifest.json", run_dir / "data_manifest.json")
-    checkpoint.save(engine, checkpoint.checkpoints_dir(run_dir), 1, {}, {"step": 1, "world_size": world}, keep_last=1)
+    state = checkpoint.CheckpointState(step=1, tokens_seen=0, world_size=world, n_segments=curriculum_segments(cfg.train, 1, cfg.data.n_segments),
+                                       data_position={}, mlflow_run_id=None, reason="final")
+    checkpoint.save(engine, RunDir.of(run_dir).checkpoints, state, keep_last=1)
 
 
 if __name__ == "__main__":
