@@ -11,6 +11,7 @@ dir is deleted by the next successful save.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -39,7 +40,20 @@ TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 
 
 def is_complete(tag_dir: Path) -> bool:
-    return (tag_dir / STATE_FILE).is_file()
+    """Sealed (the state file is there) and holding the shards of every rank it was saved by."""
+    return (tag_dir / STATE_FILE).is_file() and not missing_rank_files(tag_dir)
+
+
+def missing_rank_files(tag_dir: Path) -> list[str]:
+    """DeepSpeed's per-rank files (``*zero_pp_rank_R_*``) that rank 0 has and another rank lacks."""
+    try:
+        world_size = int(json.loads((tag_dir / STATE_FILE).read_text()).get("world_size", 1))
+        names = {path.name for path in tag_dir.iterdir()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []  # unreadable state: CheckpointState.read says so with one line
+    rank0 = [name for name in names if "zero_pp_rank_0_" in name]
+    return sorted(name.replace("zero_pp_rank_0_", f"zero_pp_rank_{rank}_") for name in rank0
+                  for rank in range(1, world_size) if name.replace("zero_pp_rank_0_", f"zero_pp_rank_{rank}_") not in names)
 
 
 class CheckpointState(BaseModel):
@@ -53,6 +67,7 @@ class CheckpointState(BaseModel):
     step: int = Field(ge=0)
     tokens_seen: int = Field(ge=0)
     world_size: int = Field(ge=1)
+    global_batch: int = Field(ge=1)  # samples per optimizer step over all ranks
     n_segments: int = Field(ge=1)  # the curriculum's at this step
     data_position: dict[str, Any]  # the training walk's position (pipeline.data: TrainBatches or LengthPools)
     mlflow_run_id: str | None
@@ -92,12 +107,15 @@ def complete_tags(ckpt_dir: Path) -> list[Path]:
 def find_latest(ckpt_dir: Path) -> Path | None:
     """The tag dir ``latest`` names if it is complete, else the newest complete one (or None)."""
     latest = ckpt_dir / LATEST_FILE
-    if latest.is_file():
-        tag_dir = ckpt_dir / latest.read_text().strip()
-        if is_complete(tag_dir):
-            return tag_dir
+    named = ckpt_dir / latest.read_text().strip() if latest.is_file() else None
+    if named is not None and is_complete(named):
+        return named
     tags = complete_tags(ckpt_dir)
-    return tags[-1] if tags else None
+    found = tags[-1] if tags else None
+    if named is not None and (named / STATE_FILE).is_file():  # sealed, yet a rank's shard is gone
+        print(f"memtrain: warning: checkpoint {named} lacks {missing_rank_files(named)[0]}; using "
+              f"{found.name if found else 'none'} instead", file=sys.stderr)
+    return found
 
 
 def set_aside(tag_dir: Path) -> Path:
@@ -114,8 +132,16 @@ def save(engine: Any, ckpt_dir: Path, state: CheckpointState, keep_last: int) ->
     import deepspeed.comm as dist
 
     tag = tag_for(state.step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"rng": gather_rng_states()}, save_latest=False)
     tag_dir = ckpt_dir / tag
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"rng": gather_rng_states()}, save_latest=False)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as "unexpected pos N vs M"
+        if not (getattr(err, "errno", None) == errno.ENOSPC or "unexpected pos" in str(err)):
+            raise
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        previous = find_latest(ckpt_dir)
+        raise UserError(f"no space left in {ckpt_dir} saving {tag}; the previous checkpoint "
+                        f"({previous.name if previous else 'none'}) stays usable: free space and rerun to resume") from None
     if dist.get_rank() == 0:
         state.write(tag_dir)
         write_text(ckpt_dir / LATEST_FILE, tag)
@@ -175,7 +201,9 @@ def resolve_tag_dir(path: str | Path) -> Path:
             raise UserError(f"no complete checkpoint in {run.checkpoints}")
         return latest
     if TAG_PATTERN.match(path.name) and path.is_dir():
-        raise UserError(f"checkpoint {path} is incomplete (no {STATE_FILE}: the save was interrupted)")
+        missing = missing_rank_files(path)
+        why = f"{missing[0]} is missing" if missing else f"no {STATE_FILE}: the save was interrupted"
+        raise UserError(f"checkpoint {path} is incomplete ({why})")
     raise UserError(f"not a memtrain checkpoint: {path} (expected a train.output_dir or a step_XXXXXXXX dir)")
 
 

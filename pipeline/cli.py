@@ -7,6 +7,7 @@ experiment config, and turns a ``UserError`` into one line on stderr and exit co
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from pathlib import Path
@@ -125,6 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"memtrain {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"memtrain {args.command}: error: no space left on the device{where}; what was complete before "
+              "(checkpoints, shards, an earlier export) is untouched: free space and run it again", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Unknown keys are errors with a "did you mean" hint; every failure is a ``UserErr
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,6 +114,13 @@ class DataConfig(Section):
     def sample_len(self) -> int:
         return self.segment_len * self.n_segments
 
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g} "
+                             "leaves no books to train on; keep the sum below 1")
+        return self
+
 
 class ModelConfig(Section):
     """The base decoder: a local HF folder (``pretrained``) or a random init of ``arch``."""
@@ -203,6 +211,13 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0)
     """Evaluate on eval.split every N steps (0: only at the end)."""
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"AdamW betas must lie in [0, 1), got {list(betas)}")
+        return betas
+
     @field_validator("curriculum")
     @classmethod
     def _curriculum_sorted(cls, stages: list[CurriculumStage]) -> list[CurriculumStage]:
@@ -292,6 +307,36 @@ class SlurmConfig(Section):
     log_dir: str = "slurm-logs"
     """Folder of the jobs' output files."""
 
+    @field_validator("time", mode="before")
+    @classmethod
+    def _minutes_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # sbatch --time=30
+
+    @model_validator(mode="after")
+    def _time_outlasts_the_signal_lead(self) -> "SlurmConfig":
+        seconds = slurm_time_seconds(self.time)
+        if seconds <= self.signal_lead_s:
+            raise ValueError(f"slurm.time={self.time} is not longer than slurm.signal_lead_s={self.signal_lead_s}: "
+                             "the job would be told to save before it starts")
+        return self
+
+
+SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def slurm_time_seconds(text: str) -> int:
+    """sbatch --time in seconds: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+    days-hours:minutes, days-hours:minutes:seconds (ValueError for anything else)."""
+    match = SLURM_TIME.match(text.strip())
+    if match is None:
+        raise ValueError(f"slurm.time={text!r} is not a SLURM time (minutes, HH:MM:SS, D-HH, D-HH:MM:SS)")
+    days, first, second, third = match.groups()
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        return ((int(days) * 24 + int(first)) * 60 + int(second or 0)) * 60 + int(third or 0)
+    if third is not None:  # hours:minutes:seconds
+        return (int(first) * 60 + int(second)) * 60 + int(third)
+    return int(first) * 60 + int(second or 0)  # minutes[:seconds]
+
 
 class ExportConfig(Section):
     """`memtrain export`: the Hugging Face folder and its model card."""
@@ -357,15 +402,33 @@ class ExperimentConfig(Section):
             raise ValueError("data.babilong.min_facts is above data.babilong.max_facts")
 
     def flat(self) -> dict[str, Any]:
-        """Dotted key -> value, for MLflow params."""
-        return flatten(self.model_dump(mode="json"))
+        """Dotted key -> value, for MLflow params (credentials in tracking.uri masked)."""
+        return flatten(self.public_tree())
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as saved beside checkpoints and logged to MLflow (credentials masked)."""
+        return yaml.safe_dump(self.public_tree(), sort_keys=False)
+
+    def public_tree(self) -> dict[str, Any]:
+        tree = self.model_dump(mode="json")
+        tree["tracking"]["uri"] = mask_credentials(tree["tracking"]["uri"])
+        return tree
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config atomically."""
         write_text(path, self.to_yaml())
+
+
+def mask_credentials(uri: str | None) -> str | None:
+    """``scheme://user:secret@host`` -> ``scheme://user:***@host`` (MLflow reads credentials from
+    MLFLOW_TRACKING_USERNAME/PASSWORD too; a secret in the URI must not reach files or logs)."""
+    if uri is None:
+        return None
+    match = re.match(r"^([a-z][\w+.-]*://)([^/@]+)@", uri, flags=re.I)
+    if match is None:
+        return uri
+    user = match.group(2).split(":", 1)[0] + ":" if ":" in match.group(2) else ""
+    return f"{match.group(1)}{user}***@{uri[match.end():]}"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -67,8 +67,8 @@ def memory_effect(result: EvalResult) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if not cfg.eval.baseline:
-        raise UserError("the demo config needs eval.baseline: the output dir of the `none` baseline run")
+    # the baseline is the demo's own, beside the run; it is passed to eval, never saved in the run's config
+    baseline = cfg.eval.baseline or f"{cfg.train.output_dir.rstrip('/')}-none"
     run_root = Path(cfg.train.output_dir).parent
     export_dir = run_root / "export"
     started = time.monotonic()
@@ -78,10 +78,10 @@ def run_demo(args: argparse.Namespace) -> int:
            ["train", "--nproc", str(DEMO_RANKS), *_config_args(args)])
     _stage(f"3/6 train the no-memory baseline on {DEMO_RANKS} ranks",
            ["train", "--nproc", str(DEMO_RANKS),
-            *_config_args(args, "memory.kind=none", f"train.output_dir={cfg.eval.baseline}")])
+            *_config_args(args, "memory.kind=none", f"train.output_dir={baseline}")])
     eval_json = run_root / "eval.json"
     _stage("4/6 per-segment evaluation, memory vs baseline on the same samples",
-           ["eval", "--checkpoint", cfg.train.output_dir, "--json", str(eval_json)])
+           ["eval", "--checkpoint", cfg.train.output_dir, "--json", str(eval_json), "--set", f"eval.baseline={baseline}"])
     _stage("5/6 export to a Hugging Face folder",
            ["export", "--checkpoint", cfg.train.output_dir, "--out", str(export_dir), "--force"])
 

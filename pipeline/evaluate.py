@@ -287,7 +287,8 @@ def _device_of(model: "torch.nn.Module") -> "torch.device":
 
 
 def eval_config(checkpoint_cfg: ExperimentConfig, config_file: str | None, overrides: list[str]) -> ExperimentConfig:
-    """The checkpoint's config with the eval section of ``config_file`` and ``--set eval.*`` applied."""
+    """The checkpoint's config with the eval section of ``config_file`` and ``--set eval.*`` (and
+    ``data.output_dir``, for a run evaluated elsewhere than it was trained) applied."""
     _require_eval_keys(overrides)
     tree = checkpoint_cfg.model_dump(mode="json")
     if config_file is not None:
@@ -314,6 +315,9 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError(f"eval.baseline {cfg.eval.baseline} does not exist (from the run's config or --set); "
                         "point it at the baseline's train.output_dir, or skip it with --set eval.baseline=null")
     baseline = load_trained_model(cfg.eval.baseline) if cfg.eval.baseline else None
+    if not Path(cfg.data.output_dir, "manifest.json").is_file():
+        raise UserError(f"the run's data.output_dir {cfg.data.output_dir} holds no shards seen from {Path.cwd()}; "
+                        "pass --set data.output_dir=DIR (the folder memtrain prep wrote)")
     data_manifest = read_manifest(cfg.data.output_dir)
     others = {f"the data in {cfg.data.output_dir}": data_manifest}
     if baseline:
@@ -361,9 +365,10 @@ def place_like_training(model: "torch.nn.Module", run_dir: Path) -> "torch.nn.Mo
 
 
 def _require_eval_keys(overrides: list[str]) -> None:
-    outside = [item for item in overrides if not item.strip().startswith("eval.")]
+    outside = [item for item in overrides if not item.strip().startswith(("eval.", "data.output_dir="))]
     if outside:
-        raise UserError(f"memtrain eval only changes eval.* keys (the checkpoint fixes the rest); got {outside[0]!r}")
+        raise UserError(f"memtrain eval only changes eval.* keys and data.output_dir (the checkpoint fixes the "
+                        f"rest); got {outside[0]!r}")
 
 
 def _same_tokens(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -33,6 +33,8 @@ from pipeline import allocator
 from pipeline.errors import UserError
 
 EXIT_PREEMPTED = 85  # "checkpoint saved, please requeue"; pipeline.train re-exports it
+# Save at the next step boundary and exit EXIT_PREEMPTED: SLURM's warning, a kill, Ctrl-C, a closed terminal.
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PORT_BASE, PORT_SPAN = 20000, 20000  # srun: MASTER_PORT = PORT_BASE + job_id % PORT_SPAN
 
 
@@ -193,7 +195,8 @@ def run_local_ranks(nproc: int, argv: Sequence[str], on_cpu: bool) -> int:
 
     torchrun's own code path (``torch.distributed.run.run``), so that the ranks'
     exit codes come back: when they all stop with EXIT_PREEMPTED that is this command's code too.
-    SIGUSR2/SIGTERM sent to this process are forwarded to the ranks, which save and exit.
+    STOP_SIGNALS sent to this process (SIGUSR2, SIGTERM, Ctrl-C's SIGINT, SIGHUP) are forwarded to
+    the ranks, which save and exit; torchrun itself only handles SIGQUIT (it kills the ranks).
     CPU ranks start with one OpenMP thread and the allocator set-up of ``pipeline.allocator``.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -203,16 +206,16 @@ def run_local_ranks(nproc: int, argv: Sequence[str], on_cpu: bool) -> int:
         os.environ["OMP_NUM_THREADS"] = "1"
         os.environ.update(allocator.cpu_rank_environment())  # read when each rank's process starts
     torchrun_args = parse_args([
-        "--standalone", f"--nproc_per_node={nproc}", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",
+        "--standalone", f"--nproc_per_node={nproc}", "--signals-to-handle=SIGQUIT",
         "-m", "pipeline.cli", *argv,
     ])
-    previous = {sig: signal.signal(sig, _forward_to_children) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, _forward_to_children) for sig in STOP_SIGNALS}
     try:
         run(torchrun_args)
         return 0
     except ChildFailedError as err:
         codes = {failure.exitcode for failure in err.failures.values()}
-        if EXIT_PREEMPTED in codes and codes <= {EXIT_PREEMPTED, -signal.SIGTERM}:
+        if EXIT_PREEMPTED in codes and codes <= {EXIT_PREEMPTED, *(-sig for sig in STOP_SIGNALS)}:
             return EXIT_PREEMPTED
         print(f"memtrain train: rank(s) failed with exit code(s) {sorted(codes)}; see the output above",
               file=sys.stderr)

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from pipeline.config import ExperimentConfig, flatten
+from pipeline.config import ExperimentConfig, flatten, mask_credentials
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class Tracker(NullTracker):
             self.run_id: str = run.info.run_id
             self._log_run_facts(run, cfg, ds_config, world_size)
         except Exception as err:  # noqa: BLE001 - any failure of the store at start is the user's to fix
-            raise UserError(f"MLflow at {self.tracking_uri}: {_first_line(err)}") from None
+            raise UserError(_scrub(f"MLflow at {self.tracking_uri}: {_first_line(err)}", self.tracking_uri)) from None
         # key -> highest step queued; a resumed run starts from what the server holds.
         self._last_step = {m.key: m.step for m in run.data.to_proto().metrics}
         self.skipped = 0  # points dropped because their step was already logged
@@ -148,7 +148,7 @@ class Tracker(NullTracker):
         if left == 0:
             self.spool.remove()
             return
-        _warn(f"{left} records not delivered to {self.tracking_uri}; they are kept in {self.spool.path}. "
+        _warn(f"{left} records not delivered to {mask_credentials(self.tracking_uri)}; they are kept in {self.spool.path}. "
               f"Upload them later with: {sys.executable} -m pipeline.tracking upload-spool {self.spool.path}")
 
     # --- starting ---
@@ -230,13 +230,13 @@ class Tracker(NullTracker):
                 else:
                     failures += 1
                     if failures == 1:
-                        _warn(f"{self.tracking_uri} is not answering ({_first_line(err)}); "
-                              f"buffering in memory and {self.spool.path}, retrying")
+                        _warn(_scrub(f"{self.tracking_uri} is not answering ({_first_line(err)}); "
+                                     f"buffering in memory and {self.spool.path}, retrying", self.tracking_uri))
                     with self._cond:
                         self._cond.wait_for(lambda: self._given_up, timeout=min(MAX_BACKOFF_S, 0.25 * 2 ** failures))
                     continue
             if failures:
-                _warn(f"{self.tracking_uri} is back after {failures} failed attempts; sending the backlog")
+                _warn(f"{mask_credentials(self.tracking_uri)} is back after {failures} failed attempts; sending the backlog")
                 failures = 0
             with self._cond:
                 if self._given_up:
@@ -274,7 +274,12 @@ def connect(uri: str | None, timeout_s: float) -> tuple["MlflowClient", str]:
         if db is not None and "_alembic_tmp" in str(err):
             hint = (f"; the store {db} was left half-created by an interrupted first use: remove it if it holds "
                     f"no runs, or repair it with `mlflow db upgrade {resolved}`")
-        raise UserError(f"MLflow tracking URI {uri or resolved!r}: {_first_line(err)}{hint}") from None
+        raise UserError(_scrub(f"MLflow tracking URI {uri or resolved!r}: {_first_line(err)}{hint}", resolved)) from None
+
+
+def _scrub(message: str, uri: str) -> str:
+    """``message`` with the credentials of ``uri`` masked wherever it quotes the URI."""
+    return message.replace(uri, mask_credentials(uri) or uri)
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -308,7 +313,7 @@ def wait_for_server(uri: str, timeout_s: float) -> None:
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             if time.monotonic() >= deadline:
-                raise UserError(f"MLflow tracking server {uri} is unreachable ({reason}) after {timeout_s:g} s; "
+                raise UserError(f"MLflow tracking server {mask_credentials(uri)} is unreachable ({reason}) after {timeout_s:g} s; "
                                 "start it, fix tracking.uri / MLFLOW_TRACKING_URI, "
                                 "or set tracking.enabled=false") from None
             time.sleep(0.25)
@@ -410,7 +415,7 @@ def upload_spool(path: str | Path, tracking_uri: str | None = None) -> int:
         for _ in batch:
             pending.popleft()
     path.unlink()
-    print(f"uploaded {len(records)} records of {path} to run {header['run_id']} at {uri}")
+    print(f"uploaded {len(records)} records of {path} to run {header['run_id']} at {mask_credentials(uri)}")
     return len(records)
 
 
@@ -420,6 +425,8 @@ class _Spool:
     def __init__(self, path: Path, run_id: str, tracking_uri: str) -> None:
         self.path = path
         self.leftover: list[dict[str, Any]] = []
+        if path.is_file() and not path.stat().st_size:
+            path.unlink()  # killed before its header was written: nothing in it
         if path.is_file():
             header, records = self.read(path)
             if header.get("run_id") == run_id:
@@ -457,17 +464,26 @@ class _Spool:
 
     @staticmethod
     def read(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        lines = path.read_text().splitlines()
+        """(header, records): every whole record; torn lines (a kill or a full disk mid-write: their
+        points were never acknowledged to the caller) are skipped and reported, never fatal."""
+        lines = path.read_bytes().decode(errors="replace").splitlines()
         if not lines:
             raise UserError(f"{path} is empty; not a memtrain MLflow spool")
-        # a torn last line (killed mid-write) is dropped: its point was never acknowledged to the caller
-        records = []
-        for line in lines[1:]:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return json.loads(lines[0]), records
+        parsed = [_json_or_none(line) for line in lines]
+        header = parsed[0] if isinstance(parsed[0], dict) and "run_id" in parsed[0] else {}
+        records = [r for r in parsed[1:] if isinstance(r, dict) and "kind" in r]
+        torn = len(lines) - len(records) - (1 if header else 0)
+        if torn:
+            _warn(f"{path}: kept {len(records)} records, skipped {torn} torn line(s)"
+                  + ("" if header else " (its header among them: the run it belongs to is unknown)"))
+        return header, records
+
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def _next_batch(pending: deque[dict[str, Any]]) -> list[dict[str, Any]]:

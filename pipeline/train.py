@@ -5,8 +5,8 @@ local ranks first. Every rank runs the same loop: warmup+cosine LR, the curricul
 one ``backward`` per micro-batch, DeepSpeed's step (clipping from ``train.grad_clip``), periodic
 eval and checkpoints. A run whose output dir holds a checkpoint resumes from it exactly (weights,
 optimizer, RNG states, data position; the schedule and curriculum are functions of the step), on
-another world size through DeepSpeed's universal checkpoint. SIGUSR2/SIGTERM: every rank saves at
-the next step boundary and the process exits with EXIT_PREEMPTED, which sbatch turns into a requeue.
+another world size through DeepSpeed's universal checkpoint. SIGUSR2/SIGTERM/SIGINT/SIGHUP: every rank saves
+at the next step boundary and the process exits with EXIT_PREEMPTED, which sbatch turns into a requeue.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pipeline.errors import UserError
 from pipeline.run_dir import LOCK_OWNER_ENV, RunDir, die_with_parent, lock_held_by_parent, tag_for
 
 EXIT_PREEMPTED = launch.EXIT_PREEMPTED
+NAME_MAX = 255  # bytes in one file name on Linux file systems
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -69,6 +70,7 @@ def preflight(cfg: ExperimentConfig, world_size: int) -> Preflight:
 
     from pipeline.data import check_data, check_splits
 
+    check_paths(cfg)
     ds_config = resolve_ds_config(cfg, world_size)
     manifest = read_manifest(cfg.data.output_dir)
     vocab_size = tokenizer_vocab_size(Path(cfg.data.output_dir) / "tokenizer", manifest["vocab_size"])
@@ -77,6 +79,19 @@ def preflight(cfg: ExperimentConfig, world_size: int) -> Preflight:
     verify_splits(cfg.data.output_dir, manifest, {"train", cfg.eval.split}, vocab_size)
     check_same_run(cfg, manifest)
     return Preflight(ds_config, manifest, vocab_size)
+
+
+def check_paths(cfg: ExperimentConfig) -> None:
+    """The run folder can be made and is not the data folder (nor inside it, nor around it)."""
+    out, data = Path(cfg.train.output_dir).absolute(), Path(cfg.data.output_dir).absolute()
+    too_long = [part for part in out.parts if len(os.fsencode(part)) > NAME_MAX]
+    if too_long:
+        raise UserError(f"train.output_dir has a name of {len(os.fsencode(too_long[0]))} bytes "
+                        f"({too_long[0][:40]}...); file systems allow {NAME_MAX}")
+    out, data = out.resolve(), data.resolve()
+    if out == data or data in out.parents or out in data.parents:
+        raise UserError(f"train.output_dir {cfg.train.output_dir} and data.output_dir {cfg.data.output_dir} overlap; "
+                        "give the run a folder of its own")
 
 
 def tokenizer_vocab_size(tokenizer_dir: Path, expected: int) -> int:
@@ -115,11 +130,12 @@ def check_same_run(cfg: ExperimentConfig, manifest: dict[str, Any]) -> None:
 
 
 class PreemptionFlag:
-    """SIGUSR2/SIGTERM only raise a flag; the loop acts on it at a step boundary, on all ranks at once."""
+    """SIGUSR2, SIGTERM, SIGINT (Ctrl-C) and SIGHUP only raise a flag; the loop acts on it at a step
+    boundary, on all ranks at once: save, end the MLflow run as KILLED, exit EXIT_PREEMPTED."""
 
     def __init__(self) -> None:
         self.raised = False
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in launch.STOP_SIGNALS}
 
     def _handle(self, signum: int, frame: object) -> None:
         self.raised = True
@@ -258,9 +274,13 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
 
         self.step, self.tokens_seen, run_id, position = 0, 0, None, None
+        resume_note = ""
         rng_states: list[dict[str, Any]] = []
         if self.resume is not None:
             state = checkpoint.CheckpointState.read(self.resume.tag_dir)
+            if state.global_batch != self.plan.global_batch:
+                resume_note = (f"; the checkpoint's global batch was {state.global_batch} on {state.world_size} "
+                               f"rank(s), now {self.plan.global_batch}: set train.global_batch_size to keep it")
             rng_states = self._load_checkpoint(self.resume)["rng"]
             self.step, self.tokens_seen, run_id = state.step, state.tokens_seen, state.mlflow_run_id
             position = state.data_position
@@ -272,7 +292,7 @@ class Trainer:
                                  cfg.train.log_every, enabled=dist_env.is_main)
         self._eval_split: Any = None
         checkpoint.restore_rng_states(rng_states, dist_env.rank, cfg.train.seed)  # last: nothing may draw after it
-        resumed = f", resumed from {self.resume.tag_dir.name}" if self.resume else ""
+        resumed = f", resumed from {self.resume.tag_dir.name}{resume_note}" if self.resume else ""
         self.progress.info(f"ready in {time.perf_counter() - started:.1f} s: world size {dist_env.world_size}, "
                            f"global batch {self.plan.global_batch} = {self.plan.micro} x {self.plan.accum} x "
                            f"{self.plan.world}, ZeRO stage {zero_stage(self.ds_config)}, {json_precision(self.ds_config)}, "
@@ -424,6 +444,7 @@ class Trainer:
 
         state = checkpoint.CheckpointState(
             step=self.step, tokens_seen=self.tokens_seen, world_size=self.env.world_size,
+            global_batch=self.plan.global_batch,
             n_segments=curriculum_segments(self.cfg.train, self.step, self.cfg.data.n_segments),
             data_position=self.batches.position.as_dict(), mlflow_run_id=self.tracker.run_id, reason=reason)
         tag_dir = checkpoint.save(self.engine, self.ckpt_dir, state, self.cfg.train.keep_last)

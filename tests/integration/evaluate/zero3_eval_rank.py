@@ -65,7 +65,8 @@ def main(job_path: str) -> None:
     if rank == 0:  # the files `memtrain train` puts beside its checkpoints
         cfg.save(run_dir / "config.yaml")
         shutil.copy2(Path(cfg.data.output_dir) / "manifest.json", run_dir / "data_manifest.json")
-    state = checkpoint.CheckpointState(step=1, tokens_seen=0, world_size=world, n_segments=curriculum_segments(cfg.train, 1, cfg.data.n_segments),
+    state = checkpoint.CheckpointState(step=1, tokens_seen=0, world_size=world, global_batch=world,
+                                       n_segments=curriculum_segments(cfg.train, 1, cfg.data.n_segments),
                                        data_position={}, mlflow_run_id=None, reason="final")
     checkpoint.save(engine, RunDir.of(run_dir).checkpoints, state, keep_last=1)
 

@@ -116,3 +116,15 @@ def test_verdicts_are_recorded_so_a_second_start_hashes_nothing(data: Path, monk
     victim.touch()  # a new mtime: verified again
     data_prep.verify.verify_splits(data, manifest, ["train", "val"], manifest["vocab_size"])
     assert hashed == [victim]
+
+
+@pytest.mark.parametrize("output_dir, message", [
+    (lambda data, tmp: data, "overlap; give the run a folder of its own"),  # run dir == data dir
+    (lambda data, tmp: tmp / ("r" * 300), "has a name of 300 bytes"),
+])
+def test_unusable_run_folders_are_one_line(output_dir, message: str, data: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path / "run.yaml", data, output_dir(data, tmp_path), None)
+    assert main(["train", "--config", str(config), "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

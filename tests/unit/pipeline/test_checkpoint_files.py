@@ -12,10 +12,24 @@ from pipeline.optim import lr_at
 def make_tag(ckpt: Path, step: int, complete: bool = True) -> Path:
     tag_dir = ckpt / tag_for(step)
     tag_dir.mkdir(parents=True)
-    (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
+    for rank in (0, 1):
+        (tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"x")
     if complete:
         (tag_dir / STATE_FILE).write_text(json.dumps({"step": step, "world_size": 2}))
     return tag_dir
+
+
+def test_a_checkpoint_missing_a_rank_shard_falls_back_to_the_previous(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tmp_path / "run" / "checkpoints"
+    good = make_tag(ckpt, 100)
+    damaged = make_tag(ckpt, 200)
+    (damaged / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()  # lost from a node-local disk
+    (ckpt / "latest").write_text(tag_for(200))
+    assert find_latest(ckpt) == good
+    assert "lacks zero_pp_rank_1_mp_rank_00_model_states.pt; using step_00000100" in capsys.readouterr().err
+    with pytest.raises(UserError, match="zero_pp_rank_1_mp_rank_00_model_states.pt is missing"):
+        resolve_tag_dir(damaged)
 
 
 def test_a_half_written_checkpoint_is_never_the_latest(tmp_path: Path) -> None:
