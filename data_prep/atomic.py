@@ -7,6 +7,7 @@ half-written file under the real name: the previous version stays usable.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -34,6 +35,10 @@ def replacing(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         tmp.replace(path)
         _fsync_dir(path.parent)
+    except OSError as err:
+        if err.errno == errno.ENOSPC and not err.filename:  # say where: a bare write() error names nothing
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

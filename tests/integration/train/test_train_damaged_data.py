@@ -128,3 +128,21 @@ def test_unusable_run_folders_are_one_line(output_dir, message: str, data: Path,
     assert main(["train", "--config", str(config), "--nproc", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_full_disk_at_prep_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        config = write_config(tmp_path / "prep.yaml", disk / "data", tmp_path / "unused", None)
+        code = main(["prep", "--config", str(config)])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("memtrain prep: error:")]
+        assert code == 2 and len(errors) == 1 and f"no space left on the device writing {disk}" in errors[0], err
+        assert not (disk / "data" / "manifest.json").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -1,11 +1,12 @@
 """Nothing lost, nothing silently wrong (issue 17), on real 2-rank ZeRO-3 runs: a failing final eval
 keeps the final checkpoint, a diverged run never leaves a poisoned `latest`, eval and export refuse
 non-finite or mismatched checkpoints, one writer per run folder, ranks die with their launcher, eval
-works on a read-only run folder."""
+works on a read-only run folder, Ctrl-C saves, a full disk is one line."""
 
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import torch
 from train_support import REPO_ROOT, Run, env, kill_tree, run_train, start_train, tail, wait_for_step, write_config
 
-from pipeline.checkpoint import find_latest, is_complete, read_state
+from pipeline.checkpoint import find_latest, read_state
 from pipeline.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -121,22 +122,54 @@ def test_a_diverged_run_leaves_no_poisoned_latest(train_root: Path, tiny_data: P
     assert list((out / "checkpoints").glob("poisoned-step_*")), tail(log)
 
 
-def test_one_writer_per_run_folder_and_ranks_die_with_their_launcher(train_root: Path, tiny_data: Path) -> None:
+def test_one_writer_ctrl_c_saves_and_ranks_die_with_their_launcher(train_root: Path, tiny_data: Path) -> None:
     out = train_root / "locked"
     config = write_config(train_root / "locked.yaml", tiny_data, out, None)
     log = train_root / "locked.log"
-    first = start_train(config, "--nproc", "2", "--set", "train.max_steps=100000", "train.save_every=100000", log=log)
+    endless = ["--set", "train.max_steps=100000", "train.save_every=100000"]
+    first = start_train(config, "--nproc", "2", *endless, log=log)
     try:
         wait_for_step(out / "logs" / "train.log", 1, first)
         second = memtrain("train", "--config", str(config), "--nproc", "2")
         assert f"train.output_dir {out} is in use by another memtrain train (pid {first.pid}" in \
             one_error_line(second, "train")
-        ranks = psutil.Process(first.pid).children(recursive=True)
-        assert len([r for r in ranks if "pipeline.cli" in " ".join(r.cmdline())]) == 2
-        first.kill()  # kill -9 of the launcher alone
-        first.wait(30)
-        gone, alive = psutil.wait_procs(ranks, timeout=30)
-        assert not alive, f"ranks outlived their launcher: {alive}"
+        first.send_signal(signal.SIGINT)  # Ctrl-C: save at the step boundary, exit 85
+        assert first.wait(120) == 85, tail(log)
     finally:
         kill_tree(first)
-    RunDir.of(out).lock().acquire().release()  # not left stuck
+    assert read_state(find_latest(out / "checkpoints"))["reason"] == "preempted"
+
+    offset = (out / "logs" / "train.log").stat().st_size
+    again = start_train(config, "--nproc", "2", *endless, log=log)  # the lock was released
+    try:
+        wait_for_step(out / "logs" / "train.log", 1, again, offset=offset)
+        ranks = [p for p in psutil.Process(again.pid).children(recursive=True) if "pipeline.cli" in " ".join(p.cmdline())]
+        assert len(ranks) == 2
+        again.kill()  # kill -9 of the launcher alone
+        again.wait(30)
+        _, alive = psutil.wait_procs(ranks, timeout=30)
+        assert not alive, f"ranks outlived their launcher: {alive}"
+    finally:
+        kill_tree(again)
+    RunDir.of(out).lock().acquire().release()  # not left stuck by the kill
+
+
+def mounted_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_disk_at_export_is_one_line_and_leaves_out_as_it_was(run_copy: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    if not mounted_tmpfs(disk, "48k"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        (disk / "hf").mkdir()
+        (disk / "hf" / "previous.txt").write_text("an earlier export")
+        proc = memtrain("export", "--checkpoint", str(run_copy), "--out", str(disk / "hf"), "--force")
+        assert "no space left" in one_error_line(proc, "export")
+        assert [p.name for p in disk.iterdir()] == ["hf"]  # no staging folder left behind
+        assert (disk / "hf" / "previous.txt").read_text() == "an earlier export"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
