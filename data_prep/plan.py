@@ -13,7 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from data_prep.clean import DUPLICATE
 from data_prep.samples import SPLITS, split_of, split_score
@@ -111,6 +111,23 @@ def _ensure_eval_splits(used: list[dict[str, Any]], data) -> None:
                 min(train, key=lambda b: split_score(b["book_id"], data.seed))["split"] = split
 
 
+class ShardBook(NamedTuple):
+    """One book of a shard unit in plan.json. Stored as the JSON list ``[index, book_id, sha256]``
+    (a NamedTuple serialises to exactly that), which is part of the unit's key."""
+
+    index: int
+    book_id: str
+    sha256: str
+
+    @classmethod
+    def of(cls, entry: list[Any], plan_path: Path) -> "ShardBook":
+        """A plan.json entry, checked: a malformed plan is one line, not an IndexError later."""
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], int)
+                and all(isinstance(x, str) for x in entry[1:])):
+            raise UserError(f"{plan_path} is damaged (shard book entry {entry!r}); delete it and run memtrain prep")
+        return cls(*entry)
+
+
 def assign_shards(plan: dict[str, Any], tokenizer: TokenizerInfo, tokens_per_byte: float, data) -> None:
     """Group each split's books, in source order, into shards of about samples_per_shard samples."""
     plan["tokenizer"] = {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "hash": tokenizer.hash,
@@ -119,10 +136,10 @@ def assign_shards(plan: dict[str, Any], tokenizer: TokenizerInfo, tokens_per_byt
     plan["tokens_per_byte"] = round(tokens_per_byte, 6)
     shards = []
     for split in SPLITS:
-        group: list[list[Any]] = []
+        group: list[ShardBook] = []
         estimate = 0.0
         for book in (b for b in plan["used"] if b["split"] == split):
-            group.append([book["index"], book["book_id"], book["sha256"]])
+            group.append(ShardBook(book["index"], book["book_id"], book["sha256"]))
             estimate += (book["n_bytes"] * tokens_per_byte + 2) / data.sample_len
             if estimate >= data.samples_per_shard:
                 shards.append(_unit(plan, split, len([s for s in shards if s["split"] == split]), group))
@@ -132,7 +149,7 @@ def assign_shards(plan: dict[str, Any], tokenizer: TokenizerInfo, tokens_per_byt
     plan["shards"] = shards
 
 
-def _unit(plan: dict[str, Any], split: str, k: int, books: list[list[Any]]) -> dict[str, Any]:
+def _unit(plan: dict[str, Any], split: str, k: int, books: list[ShardBook]) -> dict[str, Any]:
     path = f"{split}/shard-{k:05d}.arrow"
     key = json.dumps([plan["settings"], plan["tokenizer"]["hash"], path, books], sort_keys=True)
     return {"split": split, "path": path, "books": books, "unit_key": hashlib.sha256(key.encode()).hexdigest()}

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from data_prep import plan as plans
 from data_prep.manifest import merge, write_part
+from data_prep.plan import ShardBook
 from data_prep.samples import SPLITS
 from data_prep.shards import done_record, shard_bytes, write_shard
 from data_prep.sources import check_source, iter_refs
@@ -158,8 +159,10 @@ def _write_shards(data, data_dir: Path, units: list[dict[str, Any]],
             todo.append(unit)
         else:
             records[unit["path"]] = record
-    owner = {book[0]: unit for unit in todo for book in unit["books"]}
-    planned_of = {book[0]: book for unit in todo for book in unit["books"]}
+    plan_path = data_dir / plans.PLAN
+    books_of = {unit["path"]: [ShardBook.of(entry, plan_path) for entry in unit["books"]] for unit in todo}
+    owner = {book.index: unit for unit in todo for book in books_of[unit["path"]]}
+    planned_of = {book.index: book for books in books_of.values() for book in books}
     pending = {unit["path"]: [] for unit in todo}
     written = tokens = 0
     tick = progress("encode", len(owner))
@@ -169,11 +172,11 @@ def _write_shards(data, data_dir: Path, units: list[dict[str, Any]],
                 tick(1)
                 unit = owner[book.index]
                 planned = planned_of[book.index]
-                if book.samples is None or book.sha256 != planned[2]:
-                    raise UserError(f"book {planned[1]} changed since {data_dir / plans.PLAN} was made "
+                if book.samples is None or book.sha256 != planned.sha256:
+                    raise UserError(f"book {planned.book_id} changed since {data_dir / plans.PLAN} was made "
                                     f"({book.reason or 'new content'}); delete {data_dir} and prepare again")
                 done = pending[unit["path"]]
-                done.append((planned[1], book.samples))
+                done.append((planned.book_id, book.samples))
                 tokens += book.n_tokens
                 if len(done) == len(unit["books"]):
                     records[unit["path"]] = _write_unit(data, data_dir, unit, done)
