@@ -82,15 +82,15 @@ def preflight(cfg: ExperimentConfig, world_size: int) -> Preflight:
 
 
 def check_paths(cfg: ExperimentConfig) -> None:
-    """The run folder can be made and is not the data folder (nor inside it, nor around it)."""
+    """The run folder can be made and is neither the data folder nor inside it."""
     out, data = Path(cfg.train.output_dir).absolute(), Path(cfg.data.output_dir).absolute()
     too_long = [part for part in out.parts if len(os.fsencode(part)) > NAME_MAX]
     if too_long:
         raise UserError(f"train.output_dir has a name of {len(os.fsencode(too_long[0]))} bytes "
                         f"({too_long[0][:40]}...); file systems allow {NAME_MAX}")
     out, data = out.resolve(), data.resolve()
-    if out == data or data in out.parents or out in data.parents:
-        raise UserError(f"train.output_dir {cfg.train.output_dir} and data.output_dir {cfg.data.output_dir} overlap; "
+    if out == data or data in out.parents:
+        raise UserError(f"train.output_dir {cfg.train.output_dir} is (inside) data.output_dir {cfg.data.output_dir}; "
                         "give the run a folder of its own")
 
 
