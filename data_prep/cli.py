@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Callable
 
+from pipeline.config import config_from_args
+
 
 def run_prep(args: argparse.Namespace) -> int:
     """``memtrain prep --config C [--set ...] [--shard-index i --num-shards N]``.
@@ -15,8 +17,7 @@ def run_prep(args: argparse.Namespace) -> int:
     its plan.json (data.plan_wait_s), then each writes its slice of the shards and a partial
     manifest; ``memtrain prep merge DIR`` (a dependent job) writes manifest.json.
     """
-    from data_prep.run import prepare, summary_line
-    from pipeline.cli import config_from_args
+    from data_prep.run import prepare, summary_line  # lazy: tokenizers and pyarrow cost CLI start-up time
 
     cfg = config_from_args(args)
     result = prepare(cfg, args.shard_index, args.num_shards, progress=_progress_bars())

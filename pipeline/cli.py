@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from pipeline import __version__
-from pipeline.config import ExperimentConfig, load_config
 from pipeline.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -48,10 +47,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True,
                         metavar="FILE.yaml", help="experiment config (YAML)")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.lr=3e-4 memory.kind=rmt")
-
-
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    return load_config(args.config, args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:

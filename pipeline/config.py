@@ -6,6 +6,7 @@ Unknown keys are errors with a "did you mean" hint; every failure is a ``UserErr
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
 from pathlib import Path
@@ -496,6 +497,11 @@ def build_config(tree: dict[str, Any]) -> ExperimentConfig:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as err:
         raise UserError("invalid config: " + "; ".join(_describe(e) for e in err.errors())) from None
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The config of a subcommand's ``--config FILE --set KEY=VALUE ...``."""
+    return load_config(args.config, args.overrides)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:

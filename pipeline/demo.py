@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.cli import config_from_args
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, config_from_args
 from pipeline.errors import UserError
 from pipeline.evaluate import EvalResult, NllRow
 from pipeline.run_dir import RunDir

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from data_prep.atomic import replacing, write_text
 from pipeline.config import ExperimentConfig, apply_overrides, build_config, load_config
 from pipeline.errors import UserError
+from pipeline.report import save_eval
 from pipeline.run_dir import RunDir, tag_for
 
 if TYPE_CHECKING:
@@ -302,7 +303,6 @@ def run_eval(args: argparse.Namespace) -> int:
     from data_prep.shards import open_split
     from data_prep.verify import verify_splits
     from pipeline.checkpoint import load_trained_model
-    from pipeline.report import save_eval
 
     _require_eval_keys(args.overrides)  # before the (slow) checkpoint loads
     run = load_trained_model(args.checkpoint)

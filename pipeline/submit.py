@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, config_from_args
 from pipeline.errors import UserError
 
 SLURM_DIR = Path(__file__).resolve().parents[1] / "slurm"
@@ -134,8 +134,6 @@ def sbatch(job: Job, *flags: str) -> str:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from pipeline.cli import config_from_args
-
     cfg = config_from_args(args)
     workdir = Path.cwd()
     jobs = render_jobs(cfg, args.what, Path(args.config).resolve(), list(args.overrides), workdir)

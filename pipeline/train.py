@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from data_prep.atomic import write_bytes, write_text
 from pipeline import allocator, checkpoint, launch
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, config_from_args
 from pipeline.ds_config import batch_plan, json_precision, offloads_optimizer, resolve_ds_config, zero_stage
 from pipeline.errors import UserError
 from pipeline.run_dir import LOCK_OWNER_ENV, RunDir, die_with_parent, lock_held_by_parent, tag_for
@@ -36,8 +36,6 @@ NAME_MAX = 255  # bytes in one file name on Linux file systems
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pipeline.cli import config_from_args
-
     cfg = config_from_args(args)
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
