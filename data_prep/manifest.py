@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_prep.samples import SPLITS
 from data_prep.atomic import write_json
@@ -18,8 +20,35 @@ from pipeline.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-REQUIRED = ("schema_version", "segment_len", "n_segments", "sample_len", "vocab_size", "bos_token_id",
-            "eos_token_id", "pad_token_id", "tokenizer_hash", "counts", "shards", "source_fingerprint")
+
+
+class ShardRecord(BaseModel):
+    split: str
+    path: str
+    n_samples: int = Field(ge=0)
+    n_tokens: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class Manifest(BaseModel):
+    """The facts of ``manifest.json`` that train and eval rely on (other keys are descriptive).
+    Readers keep the plain dict; this is its contract, checked on read."""
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: Literal[1]
+    segment_len: int = Field(ge=1)
+    n_segments: int = Field(ge=1)
+    sample_len: int = Field(ge=1)
+    vocab_size: int = Field(ge=1)
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    tokenizer_hash: str
+    counts: dict[str, int]
+    shards: list[ShardRecord]
+    source_fingerprint: str
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
@@ -31,11 +60,15 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"{path} is not valid JSON: {err}") from None
-    missing = [key for key in REQUIRED if key not in manifest] if isinstance(manifest, dict) else list(REQUIRED)
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}; run memtrain prep again")
-    if manifest["schema_version"] != SCHEMA_VERSION:
+    if isinstance(manifest, dict) and manifest.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
         raise UserError(f"{path} has schema_version {manifest['schema_version']}, this memtrain reads {SCHEMA_VERSION}")
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "file"
+        what = "lacks" if first["type"] == "missing" else "has a bad"
+        raise UserError(f"{path} {what} {where} ({first['msg']}); run memtrain prep again") from None
     return manifest
 
 

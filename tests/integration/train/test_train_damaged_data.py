@@ -146,3 +146,12 @@ def test_a_full_disk_at_prep_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
         assert not (disk / "data" / "manifest.json").exists()
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_manifest_off_its_contract_is_one_line(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = manifest_of(data)
+    manifest["shards"][0]["sha256"] = "not-a-digest"
+    del manifest["tokenizer_hash"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    err = train_error(data, tmp_path, capsys)
+    assert "manifest.json lacks tokenizer_hash" in err or "has a bad shards.0.sha256" in err
