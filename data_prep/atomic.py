@@ -71,6 +71,13 @@ def replace_dir(path: Path, fill: Callable[[Path], Any]) -> None:
             shutil.rmtree(tmp)
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """A full disk, however the library reports it: errno ENOSPC, safetensors' "No space left on
+    device", torch.save's "unexpected pos N vs M"."""
+    return getattr(err, "errno", None) == errno.ENOSPC or any(
+        text in str(err) for text in ("No space left on device", "unexpected pos"))
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:

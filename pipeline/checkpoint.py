@@ -11,7 +11,6 @@ dir is deleted by the next successful save.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from data_prep.atomic import temporary, write_json, write_text
+from data_prep.atomic import is_disk_full, temporary, write_json, write_text
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir, tag_for
 
@@ -135,8 +134,8 @@ def save(engine: Any, ckpt_dir: Path, state: CheckpointState, keep_last: int) ->
     tag_dir = ckpt_dir / tag
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"rng": gather_rng_states()}, save_latest=False)
-    except (OSError, RuntimeError) as err:  # torch reports a full disk as "unexpected pos N vs M"
-        if not (getattr(err, "errno", None) == errno.ENOSPC or "unexpected pos" in str(err)):
+    except (OSError, RuntimeError) as err:
+        if not is_disk_full(err):
             raise
         shutil.rmtree(tag_dir, ignore_errors=True)
         previous = find_latest(ckpt_dir)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from data_prep.atomic import is_disk_full
 from pipeline.config import ExperimentConfig
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir, tag_for
@@ -128,8 +129,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
         (staging / "README.md").write_text(card)
         apply_umask(staging)
         publish(staging, out, force)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, Exception) and is_disk_full(err):
+            raise UserError(f"no space left in {out.parent} writing the export; --out {out} is as it was: "
+                            "free space and export again") from None
         raise
     return Export(folder=out, step=step, cfg=cfg, mlflow_run_id=state.get("mlflow_run_id"))
 
