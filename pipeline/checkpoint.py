@@ -197,7 +197,9 @@ def resolve_tag_dir(path: str | Path) -> Path:
     if run.checkpoints.is_dir():
         latest = find_latest(run.checkpoints)
         if latest is None:
-            raise UserError(f"no complete checkpoint in {run.checkpoints}")
+            sealed = sorted(p for p in run.checkpoints.iterdir() if TAG_PATTERN.match(p.name) and (p / STATE_FILE).is_file())
+            why = f" ({sealed[-1].name} lacks {missing_rank_files(sealed[-1])[0]}: half-written or damaged)" if sealed else ""
+            raise UserError(f"no complete checkpoint in {run.checkpoints}{why}")
         return latest
     if TAG_PATTERN.match(path.name) and path.is_dir():
         missing = missing_rank_files(path)
