@@ -17,10 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from data_prep.atomic import replacing, write_text
 from pipeline.babilong_qa import (QASample, answer_model, generated_samples, official_records, official_samples,
                                   prep_samples)
 from pipeline.errors import UserError
-from pipeline.evaluate import _write_atomic
+from pipeline.run_dir import RunDir
 
 STEM = "babilong_step_{step:08d}"
 
@@ -111,10 +112,8 @@ def plot(rows: list[dict[str, Any]], path: Path, names: dict[str, str]) -> Path:
            title="BABILong accuracy against context length")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     return path
 
 
@@ -171,9 +170,10 @@ def run_babilong_eval(args: argparse.Namespace, run, cfg) -> int:
     print(format_table(rows, names.get("baseline")))
     payload = json.dumps({"babilong": rows, "models": names, "step": run.step}, indent=2) + "\n"
     stem = STEM.format(step=run.step)
-    files = [_write_atomic(run.run_dir / "eval" / f"{stem}.json", payload), plot(rows, run.run_dir / "eval" / f"{stem}.png", names)]
+    eval_dir = RunDir.of(run.run_dir).eval_dir
+    files = [write_text(eval_dir / f"{stem}.json", payload), plot(rows, eval_dir / f"{stem}.png", names)]
     if args.json:
-        files.insert(0, _write_atomic(Path(args.json), payload))
+        files.insert(0, write_text(args.json, payload))
     log_to_run(run, rows, files)
     print("wrote " + ", ".join(str(p) for p in files))
     return 0
