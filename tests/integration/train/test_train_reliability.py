@@ -8,13 +8,14 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from train_support import REPO_ROOT, Run, env, kill_tree, run_train, start_train, tail, wait_for_step, write_config
+import processes
+from processes import kill_tree, tail
+from train_support import Run, run_train, start_train, wait_for_step, write_config
 
 from pipeline.checkpoint import find_latest, read_state
 from pipeline.run_dir import RunDir
@@ -23,8 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 def memtrain(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO_ROOT, env=env(),
-                          capture_output=True, text=True, timeout=300)
+    return processes.memtrain(*args, check=False, timeout=300)
 
 
 def one_error_line(proc: subprocess.CompletedProcess, command: str) -> str:
