@@ -209,9 +209,22 @@ def train(cfg: ExperimentConfig) -> int:
         ds_logger.setLevel("WARNING")
         deepspeed.init_distributed()
         with run_lock(cfg, dist_env):
-            return Trainer(cfg, dist_env, checks).run(flag)
+            code = Trainer(cfg, dist_env, checks).run(flag)
+        leave_process_group()
+        return code
     finally:
         flag.restore()
+
+
+def leave_process_group() -> None:
+    """Every rank leaves together and tears its process group down before the interpreter exits: a
+    rank that exits with gloo's threads alive while a peer still talks to it can abort in C++
+    ("terminate called without an active exception", exit -6) after a run that finished well."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @contextmanager

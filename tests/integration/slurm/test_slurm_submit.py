@@ -33,7 +33,7 @@ def test_dry_run_output_passes_sbatch_test_only(slurm_cluster, make_config, what
     (["slurm.partition=no-such-partition"], "invalid partition specified: no-such-partition"),
     (["slurm.nodes=3"], "Requested node configuration is not available"),  # the cluster has 2
     (["slurm.gpus_per_node=2", "slurm.tasks_per_node=null"], "Invalid generic resource"),  # and no GPUs
-    (["slurm.time=soon"], "Invalid --time specification"),
+    (["slurm.time=soon"], "slurm.time='soon' is not a SLURM time"),  # refused by the config, before sbatch
 ])
 def test_bad_slurm_section_is_one_clear_line(slurm_cluster, make_config, overrides, expected) -> None:
     proc = slurm_cluster.memtrain("submit", "--config", str(make_config()), "--set", *overrides)
