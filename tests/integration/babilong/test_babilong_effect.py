@@ -8,36 +8,32 @@ not a threshold next to a measured value. Cost: about 60-90 s on 2 idle cores (e
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import processes
 import pytest
 
+TRAIN_STEPS = 240
+EVAL_SEGMENTS = 3  # 1.5x the training length (at 2x this tiny rmt still gets ~0.5, none ~0.3)
 CONFIG = [
     "data.source=babilong:qa1", "data.segment_len=24", "data.n_segments=2", "data.vocab_size=500",
     'data.babilong={"lengths": [1, 2], "train_samples": 1200, "val_samples": 16, "test_samples": 16, '
     '"min_facts": 1, "max_facts": 1, "filler_books": 2}',
     "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.max_positions=64",
-    "model.segment_checkpointing=false", "memory.num_tokens=2", "train.max_steps=TRAIN_STEPS",
+    "model.segment_checkpointing=false", "memory.num_tokens=2", f"train.max_steps={TRAIN_STEPS}",
     "train.save_every=1000", "train.micro_batch_size=16", "train.lr=3e-3", "train.warmup_steps=10",
     "train.log_every=50", "train.curriculum=[{from_step: 0, n_segments: 1}, {from_step: 60, n_segments: 2}]",
     "eval.max_samples=16", "tracking.enabled=false",
 ]
-TRAIN_STEPS = 240
-EVAL_SEGMENTS = 3  # 1.5x the training length (at 2x this tiny rmt still gets ~0.5, none ~0.3)
 
 
 def memtrain(*args: str, cwd: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return processes.memtrain(*args, cwd=cwd).stdout
 
 
 @pytest.mark.slow
 def test_rmt_answers_beyond_its_training_length_and_none_guesses(tmp_path: Path) -> None:
-    config = [c.replace("TRAIN_STEPS", str(TRAIN_STEPS)) for c in CONFIG] + [f"data.output_dir={tmp_path / 'data'}"]
+    config = [*CONFIG, f"data.output_dir={tmp_path / 'data'}"]
     (tmp_path / "c.yaml").write_text("{}\n")
     memtrain("prep", "--config", "c.yaml", "--set", *config, cwd=tmp_path)
     for kind in ("rmt", "none"):
