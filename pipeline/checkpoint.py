@@ -253,13 +253,15 @@ class TrainedModel(NamedTuple):
         return int(self.state["step"])
 
 
-def build_from_state_dict(cfg: "ExperimentConfig", manifest: dict[str, Any],
-                          state_dict: dict[str, Any]) -> "MemoryModelForCausalLM":
-    """The HF model of ``cfg`` holding exactly the checkpoint's weights (every key on both sides)."""
-    from pipeline.models import build_model
+def build_from_state_dict(cfg: "ExperimentConfig", manifest: dict[str, Any], state_dict: dict[str, Any],
+                          model_config: Path | None = None) -> "MemoryModelForCausalLM":
+    """The HF model of ``cfg`` holding exactly the checkpoint's weights (every key on both sides), built
+    from the run's ``model_config`` file when there is one (model.pretrained's folder is then not read)."""
+    from pipeline.models.build import build_model, saved_model_config
 
+    saved = saved_model_config(model_config) if model_config is not None else None
     model = build_model(cfg, vocab_size=manifest["vocab_size"], bos_token_id=manifest["bos_token_id"],
-                        eos_token_id=manifest["eos_token_id"], pad_token_id=manifest["pad_token_id"])
+                        eos_token_id=manifest["eos_token_id"], pad_token_id=manifest["pad_token_id"], saved=saved)
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise UserError(
@@ -277,7 +279,8 @@ def load_trained_model(path: str | Path) -> TrainedModel:
     manifest = read_json(run.data_manifest, "data manifest")
     check_run_facts(cfg, manifest, state, run)
     check_finite(state_dict, tag_dir)
-    return TrainedModel(build_from_state_dict(cfg, manifest, state_dict), cfg, run.root, tag_dir, state, manifest)
+    model = build_from_state_dict(cfg, manifest, state_dict, run.model_config)
+    return TrainedModel(model, cfg, run.root, tag_dir, state, manifest)
 
 
 def check_run_facts(cfg: "ExperimentConfig", manifest: dict[str, Any], state: dict[str, Any], run: RunDir) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,11 +125,35 @@ class DataConfig(Section):
         return self
 
 
+class LoraSettings(Section):
+    """``model.lora``: fine-tune ``model.pretrained`` through PEFT LoRA adapters (the base decoder's weights stay
+    frozen; the memory parameters always train)."""
+
+    rank: int = Field(8, ge=1)
+    """LoRA rank r of every adapted layer."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA alpha: the adapter's update is scaled by alpha / rank."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input."""
+    target_modules: list[str] = Field(min_length=1)
+    """Names of the decoder's layers to adapt (the last part of a module name: c_attn, q_proj, v_proj, ...)."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names_distinct(cls, names: list[str]) -> list[str]:
+        if any(not name.strip() for name in names) or len(set(names)) != len(names):
+            raise ValueError(f"model.lora.target_modules needs distinct, non-empty module names, got {names}")
+        return names
+
+
 class ModelConfig(Section):
     """The base decoder: a local HF folder (``pretrained``) or a random init of ``arch``."""
 
     arch: Literal["gpt2", "llama", "gpt_neox", "qwen2", "mistral"] = "gpt2"
     pretrained: str | None = None
+    """A local Hugging Face causal-LM folder to start from (its config.json, not model.hidden_size etc., sets the sizes)."""
+    lora: LoraSettings | None = None
+    """Fine-tune model.pretrained through LoRA adapters ({rank, alpha, dropout, target_modules}); unset: train every weight."""
     hidden_size: int = Field(128, ge=8)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -140,6 +166,12 @@ class ModelConfig(Section):
     """Recompute each decoder layer in the backward pass (HF activation checkpointing, non-reentrant)."""
     segment_checkpointing: bool = True
     """Recompute each segment in the backward pass: activation memory stays flat as n_segments grows."""
+
+    @model_validator(mode="after")
+    def _lora_needs_a_base(self) -> "ModelConfig":
+        if self.lora is not None and not self.pretrained:
+            raise ValueError("model.lora fine-tunes a pretrained decoder: set model.pretrained to its local folder")
+        return self
 
 
 class MemoryConfig(Section):
@@ -360,6 +392,9 @@ class ExportConfig(Section):
     """Hub dataset ids in the card's metadata; empty: the `hf:` data.source, if it is one."""
     language: list[str] = []
     """Languages of the card's metadata (ISO 639-1, e.g. [en])."""
+    lora: Literal["merged", "adapter"] = "merged"
+    """A model.lora run: merged = full weights with the adapters merged in (no PEFT needed to load); adapter = the base
+    weights (with the trained memory) plus the PEFT adapter in adapter/ (PeftModel.from_pretrained(model, "DIR/adapter"))."""
 
 
 class ExperimentConfig(Section):
@@ -470,14 +505,21 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
+def section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section class of a field annotated ``Section`` or ``Section | None`` (an optional section), else None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        annotation = members[0] if len(members) == 1 else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = ExperimentConfig
+    model: type[BaseModel] | None = ExperimentConfig
     for part in loc:
         field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        model = section_type(getattr(field, "annotation", None))
+        if model is None:
             return []
-        model = annotation
     return list(model.model_fields)
 
 

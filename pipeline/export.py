@@ -4,6 +4,9 @@
         --> build_model + strict load --> save_pretrained (sharded safetensors, auto_map,
             modeling code) + tokenizer + generation_config.json + README.md model card
 
+A ``model.lora`` run exports plain weights either way (``export.lora``): ``merged``, the adapters merged
+into the base layers; ``adapter``, the base layers as they were plus the PEFT adapter in ``adapter/``.
+
 The folder is assembled in a temporary folder beside ``--out`` and renamed into place at the
 end, so ``--out`` is either the previous content or a complete export, never half of one.
 ``--push`` uploads the finished folder with ``huggingface_hub``, which finds the token itself
@@ -20,7 +23,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from data_prep.atomic import is_disk_full
 from pipeline.config import ExperimentConfig
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 
 CARD_TABLE = "per_segment_perplexity.json"
 CARD_PLOT = "per_segment_perplexity.png"
+ADAPTER_DIR = "adapter"  # an `export.lora: adapter` export's PEFT adapter
 
 
 @dataclass(frozen=True)
@@ -103,9 +107,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
     if not tokenizer_dir.is_dir():
         raise UserError(f"tokenizer not found: {tokenizer_dir} (is the checkpoint folder complete?)")
     dtype = dtype or cfg.export.dtype
-
-    if dtype == "bf16":
-        model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(
         bos_token_id=manifest["bos_token_id"], eos_token_id=manifest["eos_token_id"],
         pad_token_id=manifest["pad_token_id"], max_new_tokens=cfg.export.max_new_tokens,
@@ -114,6 +115,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        if cfg.model.lora is not None:
+            model = without_adapters(model, cfg, staging)
+        if dtype == "bf16":
+            model.to(torch.bfloat16)
         model.save_pretrained(staging, max_shard_size=cfg.export.max_shard_size)
         model.generation_config.save_pretrained(staging)
         for file in tokenizer_dir.iterdir():  # the training's own files, byte for byte
@@ -136,6 +141,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
                             "free space and export again") from None
         raise
     return Export(folder=out, step=step, cfg=cfg, mlflow_run_id=state.get("mlflow_run_id"))
+
+
+def without_adapters(model: Any, cfg: ExperimentConfig, staging: Path) -> Any:
+    """A model.lora run's model as plain weights (``export.lora``): the adapters merged in, or saved (fp32,
+    before any cast) to ``staging/adapter`` and taken out."""
+    from pipeline.models.lora import remove_adapters, save_adapter
+
+    if cfg.export.lora == "adapter":
+        save_adapter(model, staging / ADAPTER_DIR)
+    return remove_adapters(model, merge=cfg.export.lora == "merged")
 
 
 def eval_file(train_dir: Path, step: int) -> Path | None:

@@ -1,7 +1,7 @@
 """One run folder (``train.output_dir``): where each of its files lives, and the lock that keeps a
 second writer out.
 
-    config.yaml  ds_config.json  data_manifest.json  tokenizer/
+    config.yaml  ds_config.json  data_manifest.json  model_config.json  tokenizer/
     checkpoints/step_XXXXXXXX/ (+ latest, universal/)  eval/step_XXXXXXXX.{json,csv,png}
     logs/train.log  mlflow_spool.jsonl  .memtrain.lock
 
@@ -54,6 +54,11 @@ class RunDir:
     @property
     def data_manifest(self) -> Path:
         return self.root / "data_manifest.json"
+
+    @property
+    def model_config(self) -> Path:
+        """The HF config of the model the training built (eval and export rebuild it without model.pretrained)."""
+        return self.root / "model_config.json"
 
     @property
     def tokenizer(self) -> Path:

@@ -161,6 +161,8 @@ def build_partitioned_model(cfg: ExperimentConfig, checks: Preflight, ds_config:
     from transformers.integrations import HfDeepSpeedConfig
 
     import_model_classes(cfg.model.arch)
+    if cfg.model.lora is not None:
+        import peft  # noqa: F401  (like the modeling code: never imported first inside zero.Init)
     from pipeline.models import build_model
 
     hf_ds_config = HfDeepSpeedConfig(ds_config)
@@ -281,6 +283,8 @@ class Trainer:
         dist.barrier()
 
         model, self._hf_ds_config = build_partitioned_model(cfg, checks, self.ds_config)
+        if dist_env.is_main:  # eval and export rebuild this model from it, without model.pretrained's folder
+            write_text(self.run_dir.model_config, model.config.to_json_string(use_diff=False))
         optimizer = make_optimizer(model, cfg.train, offload=offloads_optimizer(self.ds_config))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
 

@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from pipeline.config import ExperimentConfig, ModelConfig
 from pipeline.errors import UserError
@@ -58,12 +58,9 @@ def _load_pretrained(path: str, vocab_size: int):
     return decoder, std
 
 
-def build_model(cfg: ExperimentConfig, vocab_size: int, bos_token_id: int, eos_token_id: int,
-                pad_token_id: int) -> MemoryModelForCausalLM:
-    """Build the memory model of ``cfg``. Under ZeRO-3 the caller keeps an ``HfDeepSpeedConfig`` alive
-    (and may open ``deepspeed.zero.Init``): construction goes through ``_from_config``, which
-    partitions parameters as they are created and initialises them gathered."""
-    token_ids = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+def memory_config(cfg: ExperimentConfig, vocab_size: int,
+                  token_ids: dict[str, int]) -> tuple[MemoryModelConfig, PreTrainedModel | None]:
+    """The HF config of ``cfg``'s model, and the loaded decoder when ``model.pretrained`` is set."""
     decoder, init_std = None, None
     if cfg.model.pretrained:
         decoder, init_std = _load_pretrained(cfg.model.pretrained, vocab_size)
@@ -82,7 +79,29 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, bos_token_id: int, eos_t
         memory_kind(config, cfg.data.sample_len)
     except ValueError as err:
         raise UserError(f"memory.kind={memory.kind}: {err}") from None
+    return config, decoder
+
+
+def saved_model_config(path: Path) -> MemoryModelConfig | None:
+    """The model config a training wrote to its run folder (``model_config.json``), None if it has none."""
+    return MemoryModelConfig.from_json_file(str(path)) if path.is_file() else None
+
+
+def build_model(cfg: ExperimentConfig, vocab_size: int, bos_token_id: int, eos_token_id: int,
+                pad_token_id: int, saved: MemoryModelConfig | None = None) -> MemoryModelForCausalLM:
+    """Build the memory model of ``cfg``. Under ZeRO-3 the caller keeps an ``HfDeepSpeedConfig`` alive
+    (and may open ``deepspeed.zero.Init``): construction goes through ``_from_config``, which
+    partitions parameters as they are created and initialises them gathered.
+
+    ``saved`` (a run's ``model_config.json``) builds that model with weights for a checkpoint to
+    replace: ``model.pretrained``'s folder is not read, so eval and export outlive it."""
+    token_ids = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    config, decoder = (saved, None) if saved is not None else memory_config(cfg, vocab_size, token_ids)
     model = MemoryModelForCausalLM._from_config(config, decoder=decoder)
+    if cfg.model.lora is not None:
+        from .lora import add_adapters
+
+        add_adapters(model, cfg.model.lora)
     if cfg.model.layer_checkpointing:
         model.activation_checkpointing_enable()
     return model
