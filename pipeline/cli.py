@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="train.output_dir (its latest checkpoint) or one checkpoint folder")
     export.add_argument("--out", required=True, metavar="DIR", help="the Hugging Face folder to write")
     export.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="weights dtype (default: export.dtype)")
+    export.add_argument("--lora", choices=["merged", "adapter"], default=None,
+                        help="a model.lora run: adapters merged in, or beside the base in adapter/ (default: export.lora)")
     export.add_argument("--push", default=None, metavar="REPO_ID", help="upload to the Hugging Face Hub")
     export.add_argument("--revision", default=None, metavar="BRANCH", help="Hub branch to push to (default: main)")
     export.add_argument("--private", action="store_true", help="create the Hub repository private")

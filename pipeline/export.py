@@ -4,7 +4,7 @@
         --> build_model + strict load --> save_pretrained (sharded safetensors, auto_map,
             modeling code) + tokenizer + generation_config.json + README.md model card
 
-A ``model.lora`` run exports plain weights either way (``export.lora``): ``merged``, the adapters merged
+A ``model.lora`` run exports plain weights either way (``export.lora``, ``--lora``): ``merged``, the adapters merged
 into the base layers; ``adapter``, the base layers as they were plus the PEFT adapter in ``adapter/``.
 
 The folder is assembled in a temporary folder beside ``--out`` and renamed into place at the
@@ -92,7 +92,7 @@ def zero_stage(train_dir: Path) -> int | None:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None = None, force: bool = False,
-                      model_name: str | None = None) -> Export:
+                      model_name: str | None = None, lora: str | None = None) -> Export:
     """Write the HF folder of ``checkpoint`` (``train.output_dir`` or one tag folder) to ``out``."""
     import torch
     from transformers import GenerationConfig
@@ -107,6 +107,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
     if not tokenizer_dir.is_dir():
         raise UserError(f"tokenizer not found: {tokenizer_dir} (is the checkpoint folder complete?)")
     dtype = dtype or cfg.export.dtype
+    if lora is not None and cfg.model.lora is None:
+        raise UserError(f"--lora {lora}: the run at {train_dir} trained no LoRA adapters (model.lora is unset)")
+    lora = lora or cfg.export.lora
     model.generation_config = GenerationConfig(
         bos_token_id=manifest["bos_token_id"], eos_token_id=manifest["eos_token_id"],
         pad_token_id=manifest["pad_token_id"], max_new_tokens=cfg.export.max_new_tokens,
@@ -116,7 +119,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         if cfg.model.lora is not None:
-            model = without_adapters(model, cfg, staging)
+            model = without_adapters(model, lora, staging)
         if dtype == "bf16":
             model.to(torch.bfloat16)
         model.save_pretrained(staging, max_shard_size=cfg.export.max_shard_size)
@@ -143,14 +146,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
     return Export(folder=out, step=step, cfg=cfg, mlflow_run_id=state.get("mlflow_run_id"))
 
 
-def without_adapters(model: Any, cfg: ExperimentConfig, staging: Path) -> Any:
-    """A model.lora run's model as plain weights (``export.lora``): the adapters merged in, or saved (fp32,
-    before any cast) to ``staging/adapter`` and taken out."""
+def without_adapters(model: Any, lora: str, staging: Path) -> Any:
+    """A model.lora run's model as plain weights: the adapters merged in (``merged``), or saved (fp32, before
+    any cast) to ``staging/adapter`` and taken out (``adapter``)."""
     from pipeline.models.lora import remove_adapters, save_adapter
 
-    if cfg.export.lora == "adapter":
+    if lora == "adapter":
         save_adapter(model, staging / ADAPTER_DIR)
-    return remove_adapters(model, merge=cfg.export.lora == "merged")
+    return remove_adapters(model, merge=lora == "merged")
 
 
 def eval_file(train_dir: Path, step: int) -> Path | None:
@@ -243,7 +246,7 @@ def run_export(args: argparse.Namespace) -> int:
     elif args.revision or args.private:
         raise UserError("--revision and --private only apply with --push REPO_ID")
     export = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, force=args.force,
-                               model_name=args.push)
+                               model_name=args.push, lora=args.lora)
     print(f"exported step {export.step} to {export.folder}")
     log_to_mlflow(export)
     if args.push:
