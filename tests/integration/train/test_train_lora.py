@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from clean_python import run_without_project
-from processes import memtrain, tail
+from processes import REPO_ROOT, memtrain, process_env, tail
 from tiny import experiment, merged, write_experiment
 from train_support import TRAIN_TINY, run_train
 
@@ -37,6 +39,24 @@ with torch.no_grad():
     logits = model(torch.tensor(json.loads(sys.argv[2]))).logits
 print(json.dumps({"project_importable": importable, "peft_imported": "peft" in sys.modules,
                   "keys": sorted(model.state_dict()), "logits": logits.tolist()}))
+"""
+
+
+ZERO3_START = """
+import json, sys
+import deepspeed
+from pipeline import launch
+from pipeline.config import load_config
+from pipeline.train import build_partitioned_model, preflight
+cfg = load_config(sys.argv[1])
+launch.setup()
+checks = preflight(cfg, world_size=1)
+deepspeed.init_distributed()
+model, keep_alive = build_partitioned_model(cfg, checks, checks.ds_config)
+adapters = {name: p for name, p in model.named_parameters() if "lora_" in name}
+with deepspeed.zero.GatheredParameters(list(adapters.values())):
+    sums = {name: float(p.abs().sum()) for name, p in adapters.items()}
+print(json.dumps({"partitioned": all(hasattr(p, "ds_id") for p in adapters.values()), "sums": sums}))
 """
 
 
@@ -90,6 +110,18 @@ def test_lora_run_learns_and_changes_only_adapters_and_memory(lora_run: dict[str
     lora_b = [value for key, value in state.items() if "lora_B" in key]
     assert len(lora_b) == 2 and all(bool(value.abs().sum() > 0) for value in lora_b)  # trained from zero
     assert set(decoder) - set(base) <= {"lm_head.weight"}  # the tied head; nothing else beside the base
+
+
+def test_adapters_start_as_identity_under_zero_init(lora_run: dict[str, Path]) -> None:
+    """zero.Init partitions each adapter as it is made, before PEFT zeroes lora_B: the build redoes it gathered."""
+    proc = subprocess.run([sys.executable, "-c", ZERO3_START, str(lora_run["config"])], cwd=REPO_ROOT,
+                          capture_output=True, text=True, env=process_env(), stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    start = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert start["partitioned"]
+    assert {name: value for name, value in start["sums"].items() if "lora_B" in name} == {
+        name: 0.0 for name in start["sums"] if "lora_B" in name} and len(start["sums"]) == 4
+    assert all(value > 0 for name, value in start["sums"].items() if "lora_A" in name)
 
 
 def test_merged_export_equals_peft_merge_and_eval_needs_no_base(lora_run: dict[str, Path], tmp_path: Path) -> None:
