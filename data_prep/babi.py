@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.errors import UserError
+from data_prep.errors import UserError
 
 PLACES = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
 ACTORS = ("Mary", "John", "Daniel", "Sandra")

@@ -26,7 +26,7 @@ import numpy as np
 
 from data_prep.babi import Story, babi_qa_rows, generate_stories, parse_tasks, stories_from_babi_qa
 from data_prep.samples import SPLITS, split_of
-from pipeline.errors import UserError
+from data_prep.errors import UserError
 
 PROMPT = " Question: {question} Answer:"
 FILLER_WORDS_PER_BOOK = 4000

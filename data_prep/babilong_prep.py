@@ -27,7 +27,7 @@ from data_prep.manifest import MANIFEST, SCHEMA_VERSION
 from data_prep.samples import SPLITS
 from data_prep.shards import arrow_schema, write_shard
 from data_prep.tokenizer import Encoder, describe, install_tokenizer, train_sentencepiece, training_lines
-from pipeline.errors import UserError
+from data_prep.errors import UserError
 
 EXTRA_COLUMNS = (("n_segments", "int32"), ("task", "string"), ("question", "string"), ("target", "string"))
 

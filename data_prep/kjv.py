@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from data_prep.atomic import replace_dir
-from pipeline.errors import UserError
+from data_prep.errors import UserError
 
 WHOLE_BIBLE = "gen1:1-rev22:21"
 BOOKS = 66

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from data_prep.samples import SPLITS
 from data_prep.atomic import write_json
 from data_prep.clean import TOO_SHORT
-from pipeline.errors import UserError
+from data_prep.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

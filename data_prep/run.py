@@ -26,7 +26,7 @@ from data_prep.shards import done_record, shard_bytes, write_shard
 from data_prep.sources import check_source, iter_refs
 from data_prep.tokenizer import Encoder, describe, install_tokenizer, train_sentencepiece, training_lines
 from data_prep import work
-from pipeline.errors import UserError
+from data_prep.errors import UserError
 
 ESTIMATE_BYTES = 1 << 18  # text encoded to estimate tokens per byte for the shard layout
 

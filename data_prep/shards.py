@@ -18,7 +18,7 @@ import numpy as np
 
 from data_prep.atomic import write_bytes, write_json
 from data_prep.samples import BookSamples
-from pipeline.errors import UserError
+from data_prep.errors import UserError
 
 BATCH_ROWS = 1024  # rows per Arrow record batch; fixed so the bytes never depend on the run
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from data_prep.clean import EMPTY, INVALID_JSON, SkipBook, clean_text, read_book_file
-from pipeline.errors import UserError
+from data_prep.errors import UserError
 
 SYNTHETIC, FILE, TEXT, BROKEN = "synthetic", "file", "text", "broken"
 

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from data_prep.atomic import replace_dir
-from pipeline.errors import UserError
+from data_prep.errors import UserError
 
 SPM_FILE = "spm.model"
 SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from data_prep.atomic import write_json
 from data_prep.shards import file_sha256
-from pipeline.errors import UserError
+from data_prep.errors import UserError
 
 VERIFIED = ".verified.json"
 REPREP = "run memtrain prep again with the same config (it rewrites only the damaged shards)"

@@ -1,7 +1,8 @@
-"""The one exception type that the CLI turns into a single clear line and a non-zero exit."""
+"""The one exception type that the CLI turns into a single clear line and a non-zero exit.
 
+Defined in ``data_prep.errors`` (the arrow runs pipeline -> data_prep); this is the same class.
+"""
 
-class UserError(Exception):
-    """Bad input from the user (config, paths, data): printed as one line, no traceback."""
+from data_prep.errors import UserError
 
-    exit_code = 2
+__all__ = ["UserError"]
