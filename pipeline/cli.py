@@ -32,8 +32,8 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 # subcommand -> "module:function"; the function takes the parsed args and returns an exit code.
 HANDLERS = {
-    "prep": "data_prep.cli:run_prep",
-    "prep-merge": "data_prep.cli:run_merge",
+    "prep": "pipeline.prep:run_prep",
+    "prep-merge": "pipeline.prep:run_merge",
     "train": "pipeline.train:run_train",
     "eval": "pipeline.evaluate:run_eval",
     "export": "pipeline.export:run_export",
