@@ -24,6 +24,7 @@ from data_prep.babi import TASKS, generate_stories, parse_tasks
 from data_prep.babilong import (PROMPT, Sample, SampleMaker, background_texts, load_backgrounds, question_prompt,
                                 split_stories)
 from data_prep.manifest import MANIFEST, SCHEMA_VERSION
+from data_prep.result import PrepResult
 from data_prep.samples import SPLITS
 from data_prep.shards import arrow_schema, write_shard
 from data_prep.tokenizer import Encoder, describe, install_tokenizer, train_sentencepiece, training_lines
@@ -71,9 +72,7 @@ def shard_payload(samples: list[Sample], sample_len: int, pad_id: int, answer_on
 
 
 def prepare_babilong(cfg, shard_index: int | None, num_shards: int | None):
-    """The whole babilong prep of ``cfg``; returns a ``data_prep.run.PrepResult``."""
-    from data_prep.run import PrepResult
-
+    """The whole babilong prep of ``cfg``; returns a ``PrepResult``."""
     started = time.perf_counter()
     data, bl = cfg.data, cfg.data.babilong
     if num_shards not in (None, 1):

@@ -13,7 +13,6 @@ shards i, i+N, ... and its partial manifest; ``memtrain prep merge DIR`` writes 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +20,7 @@ from typing import Any, Callable
 from data_prep import plan as plans
 from data_prep.manifest import merge, write_part
 from data_prep.plan import ShardBook
+from data_prep.result import PrepResult
 from data_prep.samples import SPLITS
 from data_prep.shards import done_record, shard_bytes, write_shard
 from data_prep.sources import check_source, iter_refs
@@ -29,18 +29,6 @@ from data_prep import work
 from data_prep.errors import UserError
 
 ESTIMATE_BYTES = 1 << 18  # text encoded to estimate tokens per byte for the shard layout
-
-
-@dataclass
-class PrepResult:
-    data_dir: Path
-    plan: dict[str, Any]
-    manifest: dict[str, Any] | None  # None for an array task (merge writes it)
-    records: list[dict[str, Any]]  # shards of this run (written or already good)
-    written: int = 0
-    tokens_encoded: int = 0
-    seconds: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 Progress = Callable[[str, int | None], Callable[[int], None]]
