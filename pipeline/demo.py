@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.config import ExperimentConfig, config_from_args
 from pipeline.errors import UserError
-from pipeline.evaluate import EvalResult, NllRow
+from pipeline.eval_result import EvalResult, NllRow
 from pipeline.run_dir import RunDir
 from pipeline.tracking import connect
 

@@ -174,7 +174,7 @@ def babilong_rows(train_dir: Path) -> list[dict] | None:
 
 def copy_evaluation(train_dir: Path, step: int, staging: Path) -> "CardEvaluation | None":
     """Put the eval table (JSON) and plot next to the card and return what the card shows of them."""
-    from pipeline.evaluate import EvalResult
+    from pipeline.eval_result import EvalResult
     from pipeline.model_card import CardEvaluation
     from pipeline.report import plot_segments
 

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from data_prep.atomic import replacing
-
-if TYPE_CHECKING:  # evaluate imports this module: the arrow runs evaluate -> report
-    from pipeline.evaluate import EvalResult, NllRow
+from pipeline.eval_result import EvalResult, NllRow
 
 
 def save_eval(result: EvalResult, folder: str | Path, stem: str) -> list[Path]:

@@ -45,7 +45,7 @@ from pipeline.errors import UserError
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from pipeline.evaluate import EvalResult
+    from pipeline.eval_result import EvalResult
 
 SPOOL_NAME = "mlflow_spool.jsonl"
 MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on a param value
