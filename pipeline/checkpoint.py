@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -127,26 +128,126 @@ def set_aside(tag_dir: Path) -> Path:
 
 def save(engine: Any, ckpt_dir: Path, state: CheckpointState, keep_last: int) -> Path:
     """Collective: every rank writes its shards (and the RNG states of all ranks as client state);
-    rank 0 then seals the tag with ``state`` and prunes old ones."""
+    rank 0 then seals the tag with ``state`` and prunes old ones.
+
+    Nothing here lets one rank act on a failure alone: the ranks first agree that the disk holds a
+    checkpoint (``check_free_space``), and a save that still fails on any rank (a full disk midway,
+    torch's "unexpected pos N vs M") is agreed on by all before rank 0 removes the unsealed tag; old
+    tags are pruned only after the new one is sealed. A failure is then one UserError on every rank."""
     import deepspeed.comm as dist
 
     tag = tag_for(state.step)
     tag_dir = ckpt_dir / tag
+    check_free_space(ckpt_dir, tag, needed_bytes(ckpt_dir, engine))
+    rng = gather_rng_states()
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"rng": gather_rng_states()}, save_latest=False)
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"rng": rng}, save_latest=False)
+        failure = None
     except (OSError, RuntimeError) as err:
-        if not is_disk_full(err):
-            raise
-        shutil.rmtree(tag_dir, ignore_errors=True)
-        previous = find_latest(ckpt_dir)
-        raise UserError(f"no space left in {ckpt_dir} saving {tag}; the previous checkpoint "
-                        f"({previous.name if previous else 'none'}) stays usable: free space and rerun to resume") from None
+        failure = err
+        # In DeepSpeed 0.19.8 every collective of save_checkpoint comes before its first write except
+        # the barrier it ends with, where the other ranks now wait: meet them there.
+        dist.barrier()
+    failures = agree(failure)
+    if not failures and dist.get_rank() == 0:
+        try:
+            state.write(tag_dir)
+            write_text(ckpt_dir / LATEST_FILE, tag)
+        except OSError as err:
+            failure = err
+    failures = failures or agree(failure)
+    if failures:
+        if dist.get_rank() == 0:  # every rank is past its writes: nobody writes into what goes
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        dist.barrier()
+        raise save_failed(ckpt_dir, tag, failures, failure)
     if dist.get_rank() == 0:
-        state.write(tag_dir)
-        write_text(ckpt_dir / LATEST_FILE, tag)
         prune(ckpt_dir, keep_last)
     dist.barrier()
     return tag_dir
+
+
+def agree(failure: BaseException | None) -> dict[int, str]:
+    """Collective: {rank: one line} of every rank whose ``failure`` is not None ({} when none is)."""
+    import deepspeed.comm as dist
+
+    mine = None if failure is None else (f"{'disk full' if is_disk_full(failure) else 'error'}: "
+                                         f"{(str(failure).strip().splitlines() or [type(failure).__name__])[0]}")
+    lines: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(lines, mine)
+    return {rank: line for rank, line in enumerate(lines) if line is not None}
+
+
+def save_failed(ckpt_dir: Path, tag: str, failures: dict[int, str], mine: BaseException | None) -> BaseException:
+    """The exception every rank raises after a failed save: one line for a full disk; otherwise a rank
+    that failed raises its own error, the others one line naming it."""
+    if mine is not None and not is_disk_full(mine):
+        return mine
+    previous = find_latest(ckpt_dir)
+    kept = f"the previous checkpoint ({previous.name}) stays usable" if previous else "no earlier checkpoint"
+    ranks = ",".join(str(rank) for rank in failures)
+    if all(line.startswith("disk full") for line in failures.values()):
+        return UserError(f"no space left in {ckpt_dir} saving {tag} (rank {ranks}); {kept}: free space and rerun "
+                         "to resume", every_rank=True)
+    return UserError(f"saving {tag} in {ckpt_dir} failed on rank {ranks} "
+                     f"({next(iter(failures.values()))}); {kept}", every_rank=True)
+
+
+def needed_bytes(ckpt_dir: Path, engine: Any) -> int:
+    """What the next checkpoint will take: the latest one's size, or for the first an estimate."""
+    latest = find_latest(ckpt_dir) if ckpt_dir.is_dir() else None
+    return tree_bytes(latest) if latest is not None else estimated_bytes(engine)
+
+
+def tree_bytes(folder: Path) -> int:
+    """Bytes the files under ``folder`` occupy on disk (allocated blocks, not apparent sizes)."""
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            info = path.lstat()
+        except OSError:  # pruned meanwhile
+            continue
+        if stat.S_ISREG(info.st_mode):
+            total += max(info.st_blocks * 512, info.st_size)
+    return total
+
+
+def estimated_bytes(engine: Any) -> int:
+    """A first checkpoint's size: every weight in its dtype, plus for each trainable one the fp32
+    master copy and AdamW's two fp32 moments (ZeRO's optimizer state)."""
+    total = 0
+    for param in engine.module.parameters():
+        numel = int(getattr(param, "ds_numel", param.numel()))
+        total += numel * param.element_size() + (numel * 12 if param.requires_grad else 0)
+    return total
+
+
+def check_free_space(ckpt_dir: Path, tag: str, needed: int) -> None:
+    """Collective, before any rank writes: every rank looks at the free space where it will write
+    (on a node-local disk each sees its own); if any lacks ``needed`` bytes, all raise the same line."""
+    import deepspeed.comm as dist
+
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(ckpt_dir).free
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        free = 0
+    answers: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(answers, (free, needed))
+    short = [(rank, has, wants) for rank, (has, wants) in enumerate(answers) if has < wants]
+    if short:
+        _, free, needed = short[0]
+        previous = find_latest(ckpt_dir)
+        what = f"the size of {previous.name}" if previous else "estimated from the weights and optimizer state"
+        kept = f"the previous checkpoint ({previous.name}) stays usable" if previous else "no checkpoint was written"
+        raise UserError(f"no space left in {ckpt_dir} for {tag}: {mib(free)} free, it needs {mib(needed)} ({what}); "
+                        f"{kept}: free space and rerun to resume", every_rank=True)
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -118,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(resolve_handler(args)(args) or 0)
     except UserError as err:
-        print(f"memtrain {args.command}: error: {err}", file=sys.stderr)
+        if not err.every_rank or os.environ.get("RANK", "0") == "0":
+            print(f"memtrain {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"memtrain {args.command}: interrupted", file=sys.stderr)

@@ -211,7 +211,12 @@ def train(cfg: ExperimentConfig) -> int:
         ds_logger.setLevel("WARNING")
         deepspeed.init_distributed()
         with run_lock(cfg, dist_env):
-            code = Trainer(cfg, dist_env, checks).run(flag)
+            try:
+                code = Trainer(cfg, dist_env, checks).run(flag)
+            except UserError as err:
+                if err.every_rank:  # all ranks stop here together: leave together, as after a good run
+                    leave_process_group()
+                raise
         leave_process_group()
         return code
     finally:
@@ -248,7 +253,7 @@ def run_lock(cfg: ExperimentConfig, dist_env: launch.DistEnv) -> Iterator[None]:
     verdict: list[str | None] = [error]
     dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
-        raise UserError(verdict[0])
+        raise UserError(verdict[0], every_rank=True)
     try:
         yield
     finally:
@@ -418,7 +423,7 @@ class Trainer:
         latest = checkpoint.find_latest(self.ckpt_dir)
         raise UserError(f"training diverged at step {self.step} ({what}){note}; nothing was saved from it, "
                         f"latest checkpoint: {latest.name if latest else 'none'}; lower train.lr or raise "
-                        "train.warmup_steps")
+                        "train.warmup_steps", every_rank=True)
 
     def _evaluate(self, final: bool) -> None:
         """Collective: every rank evaluates its share; rank 0 writes eval/step_XXXXXXXX.* and logs them."""
