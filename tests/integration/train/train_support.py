@@ -1,12 +1,19 @@
-"""Helpers of the training tests: their variant of the tiny experiment, `memtrain train` as a process, its log."""
+"""Helpers of the training tests: their variant of the tiny experiment, `memtrain train` as a process, its log,
+and a real small disk (``tmpfs``) that ``fill`` makes full."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 from processes import kill_tree, start_memtrain
 from tiny import experiment, merged, write_experiment
@@ -72,3 +79,44 @@ def wait_for_step(train_log: Path, step: int, proc: subprocess.Popen, offset: in
             raise AssertionError(f"training exited with {proc.returncode} before step {step}")
         time.sleep(0.02)
     raise AssertionError(f"no step {step} within {timeout} s")
+
+
+@contextmanager
+def tmpfs(path: Path, size: str, inodes: int | None = None) -> Iterator[Path]:
+    """A real tmpfs of ``size`` (mount's syntax: "4m", "48k"), at most ``inodes`` files and folders if
+    given, mounted at ``path`` for the block; the test is skipped where mounting is not permitted."""
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(path)], check=True)  # a file still open: detach now, free later
+
+
+def fill(disk: Path, leave: int = 0, leave_inodes: int | None = None) -> Path:
+    """Fill the file system of ``disk`` until ``leave`` bytes (and, if given, ``leave_inodes`` inodes)
+    are free, with files in ``disk/filler``: delete that folder to free the space again."""
+    filler = disk / "filler"
+    filler.mkdir(exist_ok=True)
+    stats = os.statvfs(disk)
+    block = stats.f_frsize
+    to_write = max(0, stats.f_bavail * block - leave) // block * block
+    with (filler / "bytes").open("ab", buffering=0) as out:
+        try:
+            while to_write > 0:
+                chunk = min(to_write, 1 << 20)
+                to_write -= out.write(b"\0" * chunk)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+    if leave_inodes is not None:
+        for index in range(max(0, os.statvfs(disk).f_favail - leave_inodes)):
+            (filler / f"inode-{index}").touch()
+    free = os.statvfs(disk)
+    assert free.f_bavail * block < leave + block, "the disk did not fill"
+    assert leave_inodes is None or free.f_favail == leave_inodes, "the disk's inodes did not fill"
+    return filler
