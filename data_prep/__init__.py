@@ -9,6 +9,6 @@ from __future__ import annotations
 
 def prepare(cfg, shard_index: int | None = None, num_shards: int | None = None):
     """Run prep for an ExperimentConfig (see data_prep.run); returns a PrepResult."""
-    from data_prep.run import prepare as run
+    from data_prep.run import prepare as run  # lazy: every data_prep import runs this file
 
     return run(cfg, shard_index, num_shards)

@@ -234,7 +234,7 @@ def babi_qa_rows(source: str, task: str) -> Iterator[dict]:
     """``hf:facebook/babi_qa`` (config ``en-10k-<task>``, train split) or a local .jsonl in that schema
     (rows may carry a ``task`` field; rows of other tasks are skipped)."""
     if source.startswith("hf:"):
-        import datasets
+        import datasets  # lazy: only an hf: facts source needs it (seconds of import)
 
         yield from datasets.load_dataset(source[3:], f"en-10k-{task}", split="train", streaming=True)
         return

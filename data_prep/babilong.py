@@ -25,8 +25,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from data_prep.babi import Story, babi_qa_rows, generate_stories, parse_tasks, stories_from_babi_qa
-from data_prep.samples import SPLITS, split_of
+from data_prep.clean import SkipBook
 from data_prep.errors import UserError
+from data_prep.samples import SPLITS, split_of
+from data_prep.sources import check_source, iter_refs, load_text
 
 PROMPT = " Question: {question} Answer:"
 FILLER_WORDS_PER_BOOK = 4000
@@ -67,8 +69,6 @@ def background_texts(data) -> Iterator[tuple[str, str, str]]:
             for i in range(bl.filler_books):
                 yield split, f"filler-{split}-{i:05d}", filler_book(data.seed, split, i)
         return
-    from data_prep.clean import SkipBook
-    from data_prep.sources import check_source, iter_refs, load_text
 
     source = SimpleNamespace(source=bl.background, text_field=data.text_field)
     if bl.background.startswith(("babilong:", "synthetic:")):

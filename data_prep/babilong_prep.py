@@ -17,26 +17,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from data_prep import plan as plans
 from data_prep.atomic import write_json
 from data_prep.babi import TASKS, generate_stories, parse_tasks
 from data_prep.babilong import (PROMPT, Sample, SampleMaker, background_texts, load_backgrounds, question_prompt,
                                 split_stories)
+from data_prep.errors import UserError
 from data_prep.manifest import MANIFEST, SCHEMA_VERSION
 from data_prep.result import PrepResult
 from data_prep.samples import SPLITS
 from data_prep.shards import arrow_schema, write_shard
 from data_prep.tokenizer import Encoder, describe, install_tokenizer, train_sentencepiece, training_lines
-from data_prep.errors import UserError
 
 EXTRA_COLUMNS = (("n_segments", "int32"), ("task", "string"), ("question", "string"), ("target", "string"))
 
 
 def qa_schema(sample_len: int):
     """The shard schema plus the QA columns (HF feature metadata included)."""
-    import pyarrow as pa
-
     base = arrow_schema(sample_len)
     meta = json.loads(base.metadata[b"huggingface"])
     for name, dtype in EXTRA_COLUMNS:
@@ -46,8 +45,6 @@ def qa_schema(sample_len: int):
 
 
 def shard_payload(samples: list[Sample], sample_len: int, pad_id: int, answer_only: bool) -> bytes:
-    import pyarrow as pa
-
     n = len(samples)
     ids = np.full((n, sample_len), pad_id, dtype=np.int32)
     loss = np.zeros((n, sample_len), dtype=np.int8)

@@ -13,10 +13,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from data_prep.samples import SPLITS
 from data_prep.atomic import write_json
 from data_prep.clean import TOO_SHORT
 from data_prep.errors import UserError
+from data_prep.plan import read_plan
+from data_prep.samples import SPLITS
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -84,8 +85,6 @@ def write_part(data_dir: Path, shard_index: int, num_shards: int, records: list[
 
 def merge(data_dir: str | Path) -> dict[str, Any]:
     """Check that every planned shard was written (by any task) and write ``manifest.json``."""
-    from data_prep.plan import read_plan
-
     data_dir = Path(data_dir)
     plan = read_plan(data_dir)
     written: dict[str, dict[str, Any]] = {}

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
-from data_prep.clean import DUPLICATE
-from data_prep.samples import SPLITS, split_of, split_score
 from data_prep.atomic import write_json
+from data_prep.clean import DUPLICATE
+from data_prep.errors import UserError
+from data_prep.samples import SPLITS, split_of, split_score
 from data_prep.tokenizer import TokenizerInfo, folder_hash
 from data_prep.work import PlannedBook
-from data_prep.errors import UserError
 
 PLAN, FAILED = "plan.json", "plan.failed"
 

@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from data_prep import plan as plans
+from data_prep.babilong_prep import prepare_babilong
 from data_prep.manifest import merge, write_part
 from data_prep.plan import ShardBook
 from data_prep.result import PrepResult
 from data_prep.samples import SPLITS
 from data_prep.shards import done_record, shard_bytes, write_shard
 from data_prep.sources import check_source, iter_refs
-from data_prep.tokenizer import Encoder, describe, install_tokenizer, train_sentencepiece, training_lines
+from data_prep.tokenizer import (Encoder, check_agreement, describe, install_tokenizer, train_sentencepiece,
+                                 training_lines)
 from data_prep import work
 from data_prep.errors import UserError
 
@@ -42,8 +44,6 @@ def prepare(cfg, shard_index: int | None = None, num_shards: int | None = None,
             progress: Progress = _no_progress) -> PrepResult:
     """Run prep for ``cfg`` (an ExperimentConfig); the whole corpus, or one array task's slice."""
     if cfg.data.source.startswith("babilong:"):
-        from data_prep.babilong_prep import prepare_babilong
-
         return prepare_babilong(cfg, shard_index, num_shards)
     started = time.perf_counter()
     data = cfg.data
@@ -111,8 +111,6 @@ def _make_plan(data, data_dir: Path, settings: dict[str, Any], progress: Progres
 
 
 def _check_tokenizer(data, tokenizer_dir: Path, wanted: set[int]) -> None:
-    from data_prep.tokenizer import check_agreement
-
     work.init(data, None)
     texts = (work.text_or_none(ref) for ref in iter_refs(data, wanted))
     lines = list(islice(training_lines(t for t in texts if t is not None), 2000))

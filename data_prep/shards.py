@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from data_prep.atomic import write_bytes, write_json
-from data_prep.samples import BookSamples
 from data_prep.errors import UserError
+from data_prep.manifest import read_manifest
+from data_prep.samples import BookSamples
 
 BATCH_ROWS = 1024  # rows per Arrow record batch; fixed so the bytes never depend on the run
 
@@ -26,8 +28,6 @@ BATCH_ROWS = 1024  # rows per Arrow record batch; fixed so the bytes never depen
 def arrow_schema(sample_len: int):
     """The shard schema, with the HF ``datasets`` features in its metadata (written by hand: prep
     does not import ``datasets``, seconds of import time)."""
-    import pyarrow as pa
-
     tokens = lambda dtype: {"feature": {"dtype": dtype, "_type": "Value"}, "length": sample_len, "_type": "List"}  # noqa: E731
     hf_features = {"input_ids": tokens("int32"), "loss_mask": tokens("int8"), "recall_mask": tokens("int8"),
                    "book_id": {"dtype": "string", "_type": "Value"},
@@ -40,8 +40,6 @@ def arrow_schema(sample_len: int):
 
 def shard_bytes(books: list[tuple[str, BookSamples]], sample_len: int) -> bytes:
     """The Arrow stream of one shard holding ``books`` ([(book_id, samples)]) in order."""
-    import pyarrow as pa
-
     schema = arrow_schema(sample_len)
     cat = lambda name, dtype: np.concatenate(  # noqa: E731
         [getattr(s, name).reshape(-1) for _, s in books] or [np.zeros(0, dtype)])
@@ -94,9 +92,7 @@ def file_sha256(path: Path) -> str:
 def open_split(data_dir: str | Path, split: str, verify: bool = False):
     """The split's shards as one memory-mapped ``datasets.Dataset`` (checked against the manifest:
     every shard present with its recorded size and row count; ``verify`` also checks sha256)."""
-    import datasets
-
-    from data_prep.manifest import read_manifest
+    import datasets  # lazy: only reading needs it, prep never (seconds of import)
 
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)

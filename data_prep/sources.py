@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow.parquet as pq
+
 from data_prep.clean import EMPTY, INVALID_JSON, SkipBook, clean_text, read_book_file
 from data_prep.errors import UserError
 
@@ -136,8 +138,6 @@ def _record_refs(records: Iterator[dict], name: str, field: str) -> Iterator[Boo
 
 
 def _parquet_records(path: Path, field: str) -> Iterator[dict]:
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a bad file
@@ -152,7 +152,7 @@ def _parquet_records(path: Path, field: str) -> Iterator[dict]:
 
 def _hf_records(name: str, split: str, field: str) -> Iterator[dict]:
     """Rows of a Hugging Face dataset, streamed (a hub id, or a local folder of data files)."""
-    import datasets
+    import datasets  # lazy: only an hf: source needs it (seconds of import)
 
     try:
         stream = datasets.load_dataset(name, split=split, streaming=True)

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+import sentencepiece as spm
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from data_prep.atomic import replace_dir
 from data_prep.errors import UserError
@@ -70,8 +72,6 @@ def training_lines(texts: Iterable[str]) -> Iterator[str]:
 
 def train_sentencepiece(lines: Iterator[str], data, out_dir: Path) -> None:
     """Train on ``lines`` (sampled by SentencePiece with a fixed seed) and save the tokenizer folder."""
-    import sentencepiece as spm
-
     spm.set_random_generator_seed(data.seed + 1)
     model = io.BytesIO()
     try:
@@ -115,8 +115,6 @@ def install_tokenizer(source: str, out_dir: Path) -> None:
 def describe(folder: Path) -> TokenizerInfo:
     """Special ids, vocabulary size and hash of a saved tokenizer folder."""
     if (folder / SPM_FILE).is_file():
-        import sentencepiece as spm
-
         sp = spm.SentencePieceProcessor(model_file=str(folder / SPM_FILE))
         return TokenizerInfo("spm", sp.get_piece_size(), sp.bos_id(), sp.eos_id(), sp.pad_id(), folder_hash(folder))
     tokenizer = _load_hf(folder)
@@ -133,8 +131,6 @@ class Encoder:
 
     def __init__(self, folder: Path) -> None:
         if (folder / SPM_FILE).is_file():
-            import sentencepiece as spm
-
             self.spm = spm.SentencePieceProcessor(model_file=str(folder / SPM_FILE))
             self.hf = None
         else:
@@ -219,9 +215,6 @@ def _batched(items: Iterator[str], n: int) -> Iterator[list[str]]:
 
 def check_agreement(folder: Path, samples: list[str]) -> None:
     """Both halves of a trained tokenizer (sentencepiece, tokenizer.json) must give the same ids."""
-    import sentencepiece as spm
-    from tokenizers import Tokenizer
-
     hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
     sp = spm.SentencePieceProcessor(model_file=str(folder / SPM_FILE))
     for text, encoding in zip(samples, hf.encode_batch(samples, add_special_tokens=False)):
@@ -233,9 +226,6 @@ def _save_spm_folder(model: bytes, folder: Path) -> None:
     """spm.model, and the same tokenizer as an HF fast tokenizer (tokenizer.json + config).
 
     Written with the light ``tokenizers`` package, not transformers (seconds of import)."""
-    import sentencepiece as spm
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
     (folder / SPM_FILE).write_bytes(model)
     sp = spm.SentencePieceProcessor(model_file=str(folder / SPM_FILE))
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
@@ -273,7 +263,7 @@ def _merges(sp, vocab: dict[str, int]) -> list[tuple[str, str]]:
 
 
 def _load_hf(folder: Path):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: only an HF tokenizer folder needs it (seconds)
 
     try:
         return AutoTokenizer.from_pretrained(str(folder))

@@ -14,9 +14,12 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from data_prep.atomic import write_json
-from data_prep.shards import file_sha256
 from data_prep.errors import UserError
+from data_prep.shards import file_sha256
 
 VERIFIED = ".verified.json"
 REPREP = "run memtrain prep again with the same config (it rewrites only the damaged shards)"
@@ -59,9 +62,6 @@ def verify_splits(data_dir: str | Path, manifest: dict[str, Any], splits: Iterab
 
 def _read_facts(path: Path, sha256: str) -> dict[str, Any]:
     """sha256 verdict, rows, sample length and largest token id of one shard (one full read)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     if file_sha256(path) != sha256:
         raise UserError(f"shard {path} is damaged: its sha256 does not match the manifest; {REPREP}")
     with pa.memory_map(str(path)) as source:

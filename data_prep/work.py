@@ -18,6 +18,8 @@ import numpy as np
 from data_prep.clean import SkipBook
 from data_prep.samples import BookSamples, book_samples
 from data_prep.sources import SYNTHETIC, BookRef, load_text
+from data_prep.synthetic import generate_book, recall_mask
+from data_prep.tokenizer import Encoder, describe
 
 _STATE: dict = {}
 
@@ -42,8 +44,6 @@ class EncodedBook:
 
 def init(data, tokenizer_dir: str | None) -> None:
     """Per-process state: the data config and, once it exists, the tokenizer."""
-    from data_prep.tokenizer import Encoder, describe
-
     _STATE.clear()
     _STATE["data"] = data
     if tokenizer_dir is not None:
@@ -79,8 +79,6 @@ def encode_book(ref: BookRef) -> EncodedBook:
     recall = None
     try:
         if ref.kind == SYNTHETIC:
-            from data_prep.synthetic import recall_mask
-
             book = _synthetic(ref)
             text = book.text
             ids, starts, ends = encoder.encode_with_offsets(text)
@@ -97,8 +95,6 @@ def encode_book(ref: BookRef) -> EncodedBook:
 
 
 def _synthetic(ref: BookRef):
-    from data_prep.synthetic import generate_book
-
     data = _STATE["data"]
     return generate_book(data.synthetic, ref.payload, data.segment_len, data.n_segments)
 
