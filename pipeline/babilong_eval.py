@@ -17,11 +17,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from data_prep.atomic import replacing, write_text
+from data_prep.babi import TASKS
+from data_prep.tokenizer import Encoder
 from pipeline.babilong_qa import (QASample, answer_model, generated_samples, official_records, official_samples,
                                   prep_samples)
+from pipeline.checkpoint import load_trained_model
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
+from pipeline.tracking import connect
 
 STEM = "babilong_step_{step:08d}"
 
@@ -36,9 +42,6 @@ def default_lengths(train_segments: int) -> list[int]:
 
 
 def load_samples(run, bl, tokenizer_dir: Path) -> list[QASample]:
-    from data_prep.babi import TASKS
-    from data_prep.tokenizer import Encoder
-
     data = run.cfg.data
     source = bl.source
     if source is None:
@@ -97,8 +100,6 @@ def format_table(rows: list[dict[str, Any]], baseline: str | None) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path, names: dict[str, str]) -> Path:
     """Accuracy against context length (log x), one line per (model, task)."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     for name, label in names.items():
@@ -122,7 +123,6 @@ def log_to_run(run, rows: list[dict[str, Any]], files: list[Path]) -> None:
     cfg, run_id = run.cfg, run.state.get("mlflow_run_id")
     if not (cfg.tracking.enabled and run_id):
         return
-    from pipeline.tracking import connect
 
     try:
         client, _ = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)
@@ -139,8 +139,6 @@ def log_to_run(run, rows: list[dict[str, Any]], files: list[Path]) -> None:
 
 def evaluate_runs(run, baseline, bl) -> list[dict[str, Any]]:
     """Rows of :func:`summarize` for ``run`` (and ``baseline``) on the samples of ``bl`` (eval.babilong)."""
-    from data_prep.tokenizer import Encoder
-
     tokenizer_dir = run.run_dir / "tokenizer"
     samples = load_samples(run, bl, tokenizer_dir)
     if not samples:
@@ -157,8 +155,6 @@ def evaluate_runs(run, baseline, bl) -> list[dict[str, Any]]:
 
 def run_babilong_eval(args: argparse.Namespace, run, cfg) -> int:
     """The ``--task babilong`` half of ``memtrain eval`` (``run`` is the loaded checkpoint, ``cfg`` its eval config)."""
-    from pipeline.checkpoint import load_trained_model
-
     baseline = load_trained_model(cfg.eval.baseline) if cfg.eval.baseline else None
     if baseline is not None and baseline.manifest.get("tokenizer_hash") != run.manifest.get("tokenizer_hash"):
         raise UserError(f"eval.baseline {cfg.eval.baseline} has another tokenizer than {args.checkpoint}")

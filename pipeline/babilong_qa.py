@@ -9,13 +9,20 @@ teacher-forced accuracy: the argmax at every answer token equals it (no generati
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
+import pyarrow.parquet as pq
+import torch
 
+from data_prep.babi import TASK_LABELS
+from data_prep.babilong import SampleMaker, load_backgrounds, question_prompt
+from data_prep.shards import open_split
+from data_prep.tokenizer import Encoder, describe
 from pipeline.errors import UserError
 
 OFFICIAL_FIELDS = ("input", "question", "target")
@@ -44,8 +51,6 @@ def score_answer(output: str, target: str, question: str, labels: Iterable[str])
 
 
 def task_labels(task: str) -> tuple[str, ...]:
-    from data_prep.babi import TASK_LABELS
-
     return TASK_LABELS.get(task, ())
 
 
@@ -56,7 +61,7 @@ def official_records(source: str, configs: list[str], tasks: list[str]) -> Itera
     """(task, length config, record) from ``hf:RMT-team/babilong`` or a local .parquet/.jsonl in its schema
     (a local file's task is its ``task`` field, else the file name's qaN, else ``file``)."""
     if source.startswith("hf:"):
-        import datasets
+        import datasets  # lazy: only an hf: source needs it (seconds of import)
 
         for config in configs:
             for task in tasks:
@@ -67,12 +72,8 @@ def official_records(source: str, configs: list[str], tasks: list[str]) -> Itera
     if not path.is_file():
         raise UserError(f"eval.babilong.source {source} does not exist (a babilong prep folder, hf:ID, .parquet or .jsonl)")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         records = pq.read_table(path).to_pylist()
     elif path.suffix == ".jsonl":
-        import json
-
         with path.open() as f:
             try:
                 records = [json.loads(line) for line in f if line.strip()]
@@ -92,8 +93,6 @@ def official_samples(records: Iterable[tuple[str, str, dict[str, Any]]], encode:
                      encode_many: Callable[[list[str]], list[np.ndarray]], limit: int) -> list[QASample]:
     """Official records -> samples; each (task, config) group keeps its first ``limit`` records and is
     keyed by its mean token length."""
-    from data_prep.babilong import question_prompt
-
     groups: dict[tuple[str, str], list[QASample]] = {}
     for task, config, record in records:
         group = groups.setdefault((task, config), [])
@@ -112,8 +111,6 @@ def official_samples(records: Iterable[tuple[str, str, dict[str, Any]]], encode:
 
 def prep_samples(data_dir: str, lengths: list[int] | None, segment_len: int, limit: int) -> list[QASample]:
     """The test split of a babilong prep folder (samples of ``lengths`` only, when given)."""
-    from data_prep.shards import open_split
-
     split = open_split(data_dir, "test")
     if "n_segments" not in split.column_names:
         raise UserError(f"eval.babilong.source {data_dir} is not a babilong prep folder (its samples have no question)")
@@ -133,9 +130,6 @@ def prep_samples(data_dir: str, lengths: list[int] | None, segment_len: int, lim
 
 def generated_samples(data, tokenizer_dir: Path, lengths: list[int], count: int) -> list[QASample]:
     """Fresh test-split samples of the run's babilong generator at any lengths (segments)."""
-    from data_prep.babilong import SampleMaker, load_backgrounds
-    from data_prep.tokenizer import Encoder, describe
-
     encoder = Encoder(tokenizer_dir)
     maker = SampleMaker(data, encoder.encode_many, describe(tokenizer_dir).eos_token_id,
                         load_backgrounds(data, encoder.encode_many, splits=("test",)))
@@ -153,8 +147,6 @@ def answer_model(model, samples: list[QASample], batch_size: int, max_new_tokens
                  decode: Callable[[list[int]], str], eos_id: int, pad_id: int) -> list[tuple[bool | None, bool | None]]:
     """(generation right, teacher-forced right) per sample; None where the model's positions do not
     reach (``full`` attention over a context longer than the decoder)."""
-    import torch
-
     results: list[tuple[bool | None, bool | None]] = [(None, None)] * len(samples)
     by_prompt: dict[int, list[int]] = {}
     for i, s in enumerate(samples):
@@ -188,8 +180,6 @@ def _generate(model, prompts, max_new_tokens: int, eos_id: int):
 
 def _teacher_forced(model, samples: list[QASample], pad_id: int):
     """[B] bool: argmax at every answer position is the answer token (rows share the prompt length)."""
-    import torch
-
     seg = model.config.segment_len
     total = max(len(s.prompt) + len(s.answer) for s in samples)
     if model.config.memory_kind == "full":
@@ -213,8 +203,6 @@ def answer_accuracy_by_task(model, dataset, segment_len: int, batch_size: int, p
     """Teacher-forced answer accuracy per task on the first ``per_length`` QA samples of each length of a
     prep split (the periodic eval during training). Every rank makes the same calls on the same samples
     (ZeRO-3 gathers parameters collectively), so every rank gets the same numbers without a reduce."""
-    import torch
-
     lengths = np.asarray(dataset["n_segments"])
     right: dict[str, list[bool]] = {}
     device = getattr(model, "device", None) or next(model.parameters()).device

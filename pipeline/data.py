@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.shards import open_split
 from pipeline.config import ExperimentConfig, TrainConfig
 from pipeline.ds_config import BatchPlan
 from pipeline.errors import UserError
@@ -199,8 +200,6 @@ def check_splits(cfg: ExperimentConfig, manifest: dict[str, Any], global_batch: 
 
 def open_train_split(data_dir: str | Path) -> Any:
     """The train split as a memory-mapped dataset returning numpy rows."""
-    from data_prep.shards import open_split
-
     split = open_split(data_dir, "train")
     columns = ["input_ids", "loss_mask"] + (["n_segments"] if "n_segments" in split.column_names else [])
     return split.with_format("numpy", columns=columns)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
+from pipeline import launch
 from pipeline.config import TrainConfig
 
 
@@ -34,13 +37,9 @@ def make_optimizer(model: Any, train: TrainConfig, offload: bool = False) -> Any
     """torch AdamW (DeepSpeed's FusedAdam is never built), or DeepSpeedCPUAdam when ZeRO offloads
     the optimizer to the CPU (DeepSpeed requires it there). On CUDA torch's fused AdamW (one kernel
     for all parameters); on CPU the default, whose results the tests compare bit for bit."""
-    import torch
-
-    from pipeline.launch import has_gpu
-
     groups = param_groups(model, train.weight_decay)
     if offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: only ZeRO's optimizer offload uses it
 
         return DeepSpeedCPUAdam(groups, lr=train.lr, betas=train.betas, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, fused=True if has_gpu() else None)
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, fused=True if launch.has_gpu() else None)

@@ -22,7 +22,7 @@ class Progress:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.file = log_path.open("a", buffering=1)
         if sys.stderr.isatty():
-            from tqdm import tqdm
+            from tqdm import tqdm  # lazy: only a terminal shows a bar; batch jobs never load it
 
             self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
 

@@ -13,8 +13,10 @@ content (the holder's pid and host) is only for the message.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,9 +138,6 @@ def lock_held_by_parent() -> bool:
 def die_with_parent() -> None:
     """Linux: this process gets SIGKILL when its parent (the ``--nproc`` launcher) dies, so that a
     killed launcher never leaves ranks training on, as a second writer, re-parented to PID 1."""
-    import ctypes
-    import signal
-
     PR_SET_PDEATHSIG = 1
     parent = os.getppid()
     try:

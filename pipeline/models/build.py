@@ -39,7 +39,7 @@ def decoder_config(model: ModelConfig, vocab_size: int, token_ids: dict[str, int
 def _gathered(params: list[torch.nn.Parameter]):
     """Full values of ZeRO-3-partitioned parameters inside the block (read only)."""
     if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
+        import deepspeed  # lazy: only ZeRO-3-partitioned parameters need it; eval and export run without it
 
         return deepspeed.zero.GatheredParameters(params)
     return contextlib.nullcontext()
@@ -99,7 +99,7 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, bos_token_id: int, eos_t
     config, decoder = (saved, None) if saved is not None else memory_config(cfg, vocab_size, token_ids)
     model = MemoryModelForCausalLM._from_config(config, decoder=decoder)
     if cfg.model.lora is not None:
-        from .lora import add_adapters
+        from .lora import add_adapters  # lazy: peft loads only with model.lora (seconds of import)
 
         add_adapters(model, cfg.model.lora)
     if cfg.model.layer_checkpointing:

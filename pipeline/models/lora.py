@@ -11,7 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from pipeline.config import LoraSettings
 from pipeline.errors import UserError
@@ -29,17 +33,12 @@ def memory_parameters(model: MemoryModelForCausalLM) -> list[nn.Parameter]:
 
 def _adaptable_layers(model: MemoryModelForCausalLM) -> dict[str, type]:
     """Last name part -> class of the decoder's layers LoRA can adapt (linear maps and embeddings)."""
-    from transformers.pytorch_utils import Conv1D
-
     return {name.rpartition(".")[2]: type(module) for name, module in model.decoder.named_modules()
             if isinstance(module, (nn.Linear, Conv1D, nn.Embedding))}
 
 
 def peft_config(settings: LoraSettings, model: MemoryModelForCausalLM):
     """The ``peft.LoraConfig`` of ``settings`` on this model's decoder; unknown target names are one UserError."""
-    from peft import LoraConfig
-    from transformers.pytorch_utils import Conv1D
-
     layers = _adaptable_layers(model)
     unknown = [name for name in settings.target_modules if name not in layers]
     if unknown:
@@ -53,8 +52,6 @@ def peft_config(settings: LoraSettings, model: MemoryModelForCausalLM):
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
-
     return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
 
 
@@ -62,15 +59,13 @@ def add_adapters(model: MemoryModelForCausalLM, settings: LoraSettings) -> None:
     """Inject the adapters, freeze the decoder, keep the memory trainable. Under ZeRO-3's ``zero.Init`` the
     adapters are partitioned as they are created, so PEFT's init (B = 0: the adapted model starts as the
     base) ran on empty placeholders: it is rerun on the gathered values."""
-    from peft import inject_adapter_in_model
-
     inject_adapter_in_model(peft_config(settings, model), model, adapter_name=ADAPTER)
     for param in memory_parameters(model):
         param.requires_grad_(True)
     for _, layer in _lora_layers(model):
         params = [*layer.lora_A.parameters(), *layer.lora_B.parameters()]
         if any(hasattr(p, "ds_id") for p in params):
-            import deepspeed
+            import deepspeed  # lazy: only ZeRO-3-partitioned adapters need it; eval and export run without it
 
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
                 layer.reset_lora_parameters(ADAPTER, True)
@@ -92,9 +87,6 @@ def remove_adapters(model: MemoryModelForCausalLM, merge: bool) -> MemoryModelFo
 def save_adapter(model: MemoryModelForCausalLM, folder: Path) -> None:
     """The adapters of ``model`` as PEFT saves a ``PeftModel`` (``adapter_config.json`` and
     ``adapter_model.safetensors``, keys under ``base_model.model.``), for ``PeftModel.from_pretrained``."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     model.peft_config[ADAPTER].save_pretrained(str(folder))  # what inject_adapter_in_model was given
     weights = get_peft_model_state_dict(model, adapter_name=ADAPTER)
