@@ -24,12 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from tokenizers import Tokenizer
+
 from data_prep.atomic import write_bytes, write_text
 from pipeline import allocator, checkpoint, launch
-from pipeline.config import ExperimentConfig, config_from_args
+from pipeline.config import ExperimentConfig, config_from_args, load_config
 from pipeline.ds_config import batch_plan, json_precision, offloads_optimizer, resolve_ds_config, zero_stage
 from pipeline.errors import UserError
+from pipeline.evaluate import evaluate_model
+from pipeline.progress import Progress
+from pipeline.report import save_eval
 from pipeline.run_dir import LOCK_OWNER_ENV, RunDir, die_with_parent, lock_held_by_parent, tag_for
+from pipeline.tracking import start_tracking
 
 EXIT_PREEMPTED = launch.EXIT_PREEMPTED
 NAME_MAX = 255  # bytes in one file name on Linux file systems
@@ -63,7 +69,7 @@ class Preflight:
 def preflight(cfg: ExperimentConfig, world_size: int) -> Preflight:
     """Every check that needs no rank: the DeepSpeed JSON against the world size, the shards against
     the model and the config, the output dir against this config. UserError on the first problem."""
-    from data_prep.manifest import read_manifest
+    from data_prep.manifest import read_manifest  # lazy: pyarrow, torch: off the CLI dispatch path
     from data_prep.verify import verify_splits
 
     from pipeline.data import check_data, check_splits
@@ -98,20 +104,16 @@ def tokenizer_vocab_size(tokenizer_dir: Path, expected: int) -> int:
     if not tokenizer_dir.is_dir():
         raise UserError(f"tokenizer folder missing: {tokenizer_dir}")
     if (tokenizer_dir / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
         size = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
         if size == expected:
             return size
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: seconds of import, rarely needed (above)
 
     return len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
 
 
 def check_same_run(cfg: ExperimentConfig, manifest: dict[str, Any]) -> None:
     """An output dir with checkpoints is resumed: its model, memory and tokenizer must be this config's."""
-    from pipeline.config import load_config
-
     run = RunDir.of(cfg.train.output_dir)
     if checkpoint.find_latest(run.checkpoints) is None:
         return
@@ -147,7 +149,7 @@ def import_model_classes(arch: str) -> None:
     """Import the base model's modeling code (and torch._dynamo, which it pulls in lazily) before
     ``zero.Init`` patches tensor construction: imported inside it, they crash."""
     import torch._dynamo  # noqa: F401
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # lazy: imported here on purpose, before zero.Init (above)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     AutoModelForCausalLM._model_mapping[CONFIG_MAPPING[arch]]
@@ -156,7 +158,7 @@ def import_model_classes(arch: str) -> None:
 def build_partitioned_model(cfg: ExperimentConfig, checks: Preflight, ds_config: dict[str, Any]) -> tuple[Any, Any]:
     """(model, HfDeepSpeedConfig): the model built under ``zero.Init`` (ZeRO-3) from ``train.seed``,
     so every world size starts from the same weights. Keep the second item alive with the model."""
-    import deepspeed
+    import deepspeed  # lazy: the zero.Init site; torch, DeepSpeed, transformers cost seconds
     import torch
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -184,7 +186,7 @@ class ResumePoint:
 def resume_point(ckpt_dir: Path, world_size: int, is_main: bool) -> ResumePoint | None:
     """The latest complete checkpoint; saved at another world size, rank 0 converts it to DeepSpeed's
     universal format first (collective)."""
-    import deepspeed.comm as dist
+    import deepspeed.comm as dist  # lazy: seconds of import, off the CLI dispatch path
 
     tag_dir = checkpoint.find_latest(ckpt_dir)
     if tag_dir is None:
@@ -205,7 +207,7 @@ def train(cfg: ExperimentConfig) -> int:
         dist_env = launch.setup()
         checks = preflight(cfg, dist_env.world_size)
         warnings.filterwarnings("ignore", category=FutureWarning)  # thousands about all_gather_into_tensor
-        import deepspeed
+        import deepspeed  # lazy: seconds of import, off the CLI dispatch path
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel("WARNING")
@@ -227,7 +229,7 @@ def leave_process_group() -> None:
     """Every rank leaves together and tears its process group down before the interpreter exits: a
     rank that exits with gloo's threads alive while a peer still talks to it can abort in C++
     ("terminate called without an active exception", exit -6) after a run that finished well."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: seconds of import, off the CLI dispatch path
 
     if dist.is_initialized():
         dist.barrier()
@@ -238,7 +240,7 @@ def leave_process_group() -> None:
 def run_lock(cfg: ExperimentConfig, dist_env: launch.DistEnv) -> Iterator[None]:
     """The run folder's lock for this job (collective): a rank of ``--nproc`` dies with its launcher,
     which holds the lock; otherwise rank 0 takes it and every rank stops if it could not."""
-    import deepspeed.comm as dist
+    import deepspeed.comm as dist  # lazy: seconds of import, off the CLI dispatch path
 
     if lock_held_by_parent():
         die_with_parent()
@@ -265,13 +267,11 @@ class Trainer:
     """One rank's training run: set-up and resume in ``__init__``, then ``run``."""
 
     def __init__(self, cfg: ExperimentConfig, dist_env: launch.DistEnv, checks: Preflight) -> None:
-        import deepspeed
+        import deepspeed  # lazy: seconds of import, off the CLI dispatch path
         import deepspeed.comm as dist
 
         from pipeline.data import make_train_batches, open_train_split
         from pipeline.optim import make_optimizer
-        from pipeline.progress import Progress
-        from pipeline.tracking import start_tracking
 
         started = time.perf_counter()
         self.cfg, self.env, self.dist = cfg, dist_env, dist
@@ -355,7 +355,7 @@ class Trainer:
             self.tracker.finish(status)
 
     def _loop(self, flag: PreemptionFlag) -> int:
-        import torch
+        import torch  # lazy: seconds of import, off the CLI dispatch path
 
         from pipeline.data import segments_for_step
         from pipeline.optim import lr_at
@@ -427,10 +427,7 @@ class Trainer:
 
     def _evaluate(self, final: bool) -> None:
         """Collective: every rank evaluates its share; rank 0 writes eval/step_XXXXXXXX.* and logs them."""
-        from data_prep.shards import open_split
-
-        from pipeline.evaluate import evaluate_model
-        from pipeline.report import save_eval
+        from data_prep.shards import open_split  # lazy: seconds of import, off the CLI dispatch path
 
         if self._eval_split is None:
             self._eval_split = open_split(self.cfg.data.output_dir, self.cfg.eval.split)
@@ -453,14 +450,14 @@ class Trainer:
         """Per-task answer accuracy on QA (babilong) data, {} on books. Collective, like the eval."""
         if "n_segments" not in self._eval_split.column_names:
             return {}
-        from pipeline.babilong_qa import answer_accuracy_by_task
+        from pipeline.babilong_qa import answer_accuracy_by_task  # lazy: torch; QA data only
 
         split = self._eval_split.with_format("numpy", columns=["input_ids", "recall_mask", "n_segments", "task"])
         return answer_accuracy_by_task(self.engine, split, self.cfg.data.segment_len, self.cfg.eval.batch_size,
                                        self.cfg.eval.max_samples)
 
     def _save(self, reason: str) -> None:
-        from pipeline.data import curriculum_segments
+        from pipeline.data import curriculum_segments  # lazy: torch (via pipeline.data)
 
         state = checkpoint.CheckpointState(
             step=self.step, tokens_seen=self.tokens_seen, world_size=self.env.world_size,
@@ -474,7 +471,7 @@ class Trainer:
 def local_weights_finite(engine: Any) -> bool:
     """Whether this rank's share of the weights is finite: its ZeRO-3 partition (``ds_tensor``), or
     the whole parameter at lower stages. Cheap next to a step: one pass over this rank's numbers."""
-    import torch
+    import torch  # lazy: seconds of import, off the CLI dispatch path
 
     for param in engine.module.parameters():
         held = getattr(param, "ds_tensor", None)
