@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import stat
@@ -24,11 +25,11 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_prep.atomic import is_disk_full, temporary, write_json, write_text
+from pipeline.config import ExperimentConfig, load_config
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir, tag_for
 
 if TYPE_CHECKING:
-    from pipeline.config import ExperimentConfig
     from pipeline.models import MemoryModelForCausalLM
 
 STATE_FILE = "memtrain_state.json"
@@ -134,7 +135,7 @@ def save(engine: Any, ckpt_dir: Path, state: CheckpointState, keep_last: int) ->
     checkpoint (``check_free_space``), and a save that still fails on any rank (a full disk midway,
     torch's "unexpected pos N vs M") is agreed on by all before rank 0 removes the unsealed tag; old
     tags are pruned only after the new one is sealed. A failure is then one UserError on every rank."""
-    import deepspeed.comm as dist
+    import deepspeed.comm as dist  # lazy: seconds of import, off the CLI dispatch path
 
     tag = tag_for(state.step)
     tag_dir = ckpt_dir / tag
@@ -169,7 +170,7 @@ def save(engine: Any, ckpt_dir: Path, state: CheckpointState, keep_last: int) ->
 
 def agree(failure: BaseException | None) -> dict[int, str]:
     """Collective: {rank: one line} of every rank whose ``failure`` is not None ({} when none is)."""
-    import deepspeed.comm as dist
+    import deepspeed.comm as dist  # lazy: seconds of import, off the CLI dispatch path
 
     mine = None if failure is None else (f"{'disk full' if is_disk_full(failure) else 'error'}: "
                                          f"{(str(failure).strip().splitlines() or [type(failure).__name__])[0]}")
@@ -225,7 +226,7 @@ def estimated_bytes(engine: Any) -> int:
 def check_free_space(ckpt_dir: Path, tag: str, needed: int) -> None:
     """Collective, before any rank writes: every rank looks at the free space where it will write
     (on a node-local disk each sees its own); if any lacks ``needed`` bytes, all raise the same line."""
-    import deepspeed.comm as dist
+    import deepspeed.comm as dist  # lazy: seconds of import, off the CLI dispatch path
 
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -320,9 +321,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 def load_consolidated(path: str | Path) -> tuple[dict[str, Any], Any, Path]:
     """(full fp32 state dict, the run's ExperimentConfig, tag dir) for eval and export."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from pipeline.config import load_config
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # lazy: DeepSpeed (seconds)
 
     tag_dir = resolve_tag_dir(path)
     config_path = RunDir.of_tag_dir(tag_dir).config
@@ -358,7 +357,7 @@ def build_from_state_dict(cfg: "ExperimentConfig", manifest: dict[str, Any], sta
                           model_config: Path | None = None) -> "MemoryModelForCausalLM":
     """The HF model of ``cfg`` holding exactly the checkpoint's weights (every key on both sides), built
     from the run's ``model_config`` file when there is one (model.pretrained's folder is then not read)."""
-    from pipeline.models.build import build_model, saved_model_config
+    from pipeline.models.build import build_model, saved_model_config  # lazy: transformers (seconds)
 
     saved = saved_model_config(model_config) if model_config is not None else None
     model = build_model(cfg, vocab_size=manifest["vocab_size"], bos_token_id=manifest["bos_token_id"],
@@ -387,7 +386,7 @@ def load_trained_model(path: str | Path) -> TrainedModel:
 def check_run_facts(cfg: "ExperimentConfig", manifest: dict[str, Any], state: dict[str, Any], run: RunDir) -> None:
     """The run's config.yaml must agree with the data manifest and the checkpoint state saved beside it
     (an edited or replaced config.yaml would otherwise build another model, silently)."""
-    from pipeline.data import curriculum_segments
+    from pipeline.data import curriculum_segments  # lazy: torch (seconds)
 
     facts = [("data.segment_len", cfg.data.segment_len, "data manifest", manifest.get("segment_len")),
              ("data.n_segments", cfg.data.n_segments, "data manifest", manifest.get("n_segments"))]
@@ -402,7 +401,7 @@ def check_run_facts(cfg: "ExperimentConfig", manifest: dict[str, Any], state: di
 
 def check_finite(state_dict: dict[str, Any], tag_dir: Path) -> None:
     """Refuse weights holding NaN or inf: evaluated they give 'ppl nan', exported a broken model."""
-    import torch
+    import torch  # lazy: seconds of import, off the CLI dispatch path
 
     bad = [key for key, value in state_dict.items()
            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
@@ -413,9 +412,7 @@ def check_finite(state_dict: dict[str, Any], tag_dir: Path) -> None:
 
 def gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's python/numpy/torch RNG states, indexed by rank (collective)."""
-    import random
-
-    import deepspeed.comm as dist
+    import deepspeed.comm as dist  # lazy: seconds of import, off the CLI dispatch path
     import numpy as np
     import torch
 
@@ -429,9 +426,7 @@ def gather_rng_states() -> list[dict[str, Any]]:
 
 def restore_rng_states(states: list[dict[str, Any]], rank: int, seed: int) -> None:
     """This rank's saved RNG states; a rank the checkpoint lacks (larger world) gets a fresh seed."""
-    import random
-
-    import numpy as np
+    import numpy as np  # lazy: seconds of import, off the CLI dispatch path
     import torch
 
     if rank >= len(states):

@@ -41,7 +41,7 @@ def _config_args(args: argparse.Namespace, *extra: str) -> list[str]:
 
 def generate_from_export(export_dir: Path, cfg: ExperimentConfig) -> str:
     """Load the export with plain transformers and continue a validation prompt longer than one segment."""
-    import torch
+    import torch  # lazy: seconds of import, off the CLI dispatch path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data_prep.shards import open_split

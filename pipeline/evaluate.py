@@ -24,9 +24,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.checkpoint import load_trained_model
 from pipeline.config import ExperimentConfig, apply_overrides, build_config, load_config
+from pipeline.ds_config import json_precision
 from pipeline.errors import UserError
 from pipeline.eval_result import EvalResult, NllRow, perplexity  # noqa: F401  (perplexity: part of this module's API)
+from pipeline.launch import has_gpu
 from pipeline.report import save_eval
 from pipeline.run_dir import RunDir, tag_for
 
@@ -48,7 +51,7 @@ def evaluate_model(model: "torch.nn.Module", dataset: "datasets.Dataset", cfg: E
     every sample to its first n segments (default: all). Call it on every rank when
     torch.distributed is initialised; every rank gets the same result.
     """
-    import torch
+    import torch  # lazy: seconds of import, off the CLI dispatch path
     import torch.distributed as dist
 
     seg_len = cfg.data.segment_len
@@ -94,7 +97,7 @@ def _nll_rows(sums: "torch.Tensor") -> list[NllRow]:
 
 def _rank_batches(n_samples: int, rank: int, world: int, batch_size: int) -> list[tuple[list[int], "torch.Tensor"]]:
     """This rank's samples in batches, padded so every rank makes the same calls with the same shapes."""
-    import torch
+    import torch  # lazy: seconds of import, off the CLI dispatch path
 
     mine = list(range(rank, n_samples, world))
     share = -(-n_samples // world)
@@ -106,7 +109,7 @@ def _rank_batches(n_samples: int, rank: int, world: int, batch_size: int) -> lis
 def _window_sums(model: "torch.nn.Module", batch: dict[str, "torch.Tensor"], weights: "torch.Tensor",
                  start: int, end: int, seg_len: int) -> "torch.Tensor":
     """[4, n_window_segments] float64: NLL sum, tokens, recall NLL sum, recall tokens per segment."""
-    import torch
+    import torch  # lazy: seconds of import, off the CLI dispatch path
 
     ids = batch["input_ids"][:, start:end].long()
     counted = batch["loss_mask"][:, start:end].bool() & weights[:, None]
@@ -144,16 +147,15 @@ def eval_config(checkpoint_cfg: ExperimentConfig, config_file: str | None, overr
 
 def run_eval(args: argparse.Namespace) -> int:
     """``memtrain eval --checkpoint DIR [--json OUT]``: print the per-segment table, save it beside the run."""
-    from data_prep.manifest import read_manifest
+    from data_prep.manifest import read_manifest  # lazy: pyarrow (via data_prep's readers), off the CLI dispatch path
     from data_prep.shards import open_split
     from data_prep.verify import verify_splits
-    from pipeline.checkpoint import load_trained_model
 
     _require_eval_keys(args.overrides)  # before the (slow) checkpoint loads
     run = load_trained_model(args.checkpoint)
     cfg = eval_config(run.cfg, args.config, args.overrides)
     if getattr(args, "task", "ppl") == "babilong":
-        from pipeline.babilong_eval import run_babilong_eval
+        from pipeline.babilong_eval import run_babilong_eval  # lazy: --task babilong only
 
         return run_babilong_eval(args, run, cfg)
     if cfg.eval.baseline and not Path(cfg.eval.baseline).exists():
@@ -198,10 +200,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def place_like_training(model: "torch.nn.Module", run_dir: Path) -> "torch.nn.Module":
     """The model on the GPU when there is one, in the precision its run trained in (its ds_config.json),
     so ``memtrain eval`` scores what training's own eval scored."""
-    import torch
-
-    from pipeline.ds_config import json_precision
-    from pipeline.launch import has_gpu
+    import torch  # lazy: seconds of import, off the CLI dispatch path
 
     ds_file = run_dir / "ds_config.json"
     precision = json_precision(json.loads(ds_file.read_text())) if ds_file.is_file() else "fp32"

@@ -26,9 +26,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_prep.atomic import is_disk_full
+from pipeline.checkpoint import load_trained_model, read_json
 from pipeline.config import ExperimentConfig
 from pipeline.errors import UserError
+from pipeline.eval_result import EvalResult
+from pipeline.report import plot_segments
 from pipeline.run_dir import RunDir, tag_for
+from pipeline.tracking import connect
 
 if TYPE_CHECKING:
     from pipeline.model_card import CardEvaluation
@@ -86,7 +90,6 @@ def zero_stage(train_dir: Path) -> int | None:
     ds_config = train_dir / "ds_config.json"
     if not ds_config.is_file():
         return None
-    from pipeline.checkpoint import read_json
 
     return read_json(ds_config, "DeepSpeed config").get("zero_optimization", {}).get("stage")
 
@@ -94,11 +97,10 @@ def zero_stage(train_dir: Path) -> int | None:
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None = None, force: bool = False,
                       model_name: str | None = None, lora: str | None = None) -> Export:
     """Write the HF folder of ``checkpoint`` (``train.output_dir`` or one tag folder) to ``out``."""
-    import torch
+    import torch  # lazy: seconds of import, off the CLI dispatch path
     from transformers import GenerationConfig
 
-    from pipeline.checkpoint import load_trained_model
-    from pipeline.model_card import TrainingFacts, render_model_card
+    from pipeline.model_card import TrainingFacts, render_model_card  # lazy: huggingface_hub
 
     out = Path(out).absolute()  # "." has no name to stage beside
     check_destination(out, Path(checkpoint), force)
@@ -149,7 +151,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
 def without_adapters(model: Any, lora: str, staging: Path) -> Any:
     """A model.lora run's model as plain weights: the adapters merged in (``merged``), or saved (fp32, before
     any cast) to ``staging/adapter`` and taken out (``adapter``)."""
-    from pipeline.models.lora import remove_adapters, save_adapter
+    from pipeline.models.lora import remove_adapters, save_adapter  # lazy: peft (seconds), model.lora only
 
     if lora == "adapter":
         save_adapter(model, staging / ADAPTER_DIR)
@@ -174,9 +176,7 @@ def babilong_rows(train_dir: Path) -> list[dict] | None:
 
 def copy_evaluation(train_dir: Path, step: int, staging: Path) -> "CardEvaluation | None":
     """Put the eval table (JSON) and plot next to the card and return what the card shows of them."""
-    from pipeline.eval_result import EvalResult
-    from pipeline.model_card import CardEvaluation
-    from pipeline.report import plot_segments
+    from pipeline.model_card import CardEvaluation  # lazy: huggingface_hub
 
     source = eval_file(train_dir, step)
     if source is None:
@@ -197,7 +197,7 @@ def copy_evaluation(train_dir: Path, step: int, staging: Path) -> "CardEvaluatio
 
 def push_to_hub(folder: Path, repo_id: str, revision: str | None, private: bool, step: int) -> str:
     """Upload ``folder`` to ``repo_id`` (on branch ``revision`` if given); returns the commit URL."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # lazy: --push only
     from huggingface_hub.errors import HTTPError
 
     api = HfApi()  # resolves the token from HF_TOKEN or the stored login
@@ -219,7 +219,6 @@ def log_to_mlflow(export: Export) -> None:
     cfg = export.cfg
     if not (cfg.tracking.enabled and cfg.export.log_to_mlflow and export.mlflow_run_id):
         return
-    from pipeline.tracking import connect
 
     try:
         client, _ = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)
@@ -231,7 +230,7 @@ def log_to_mlflow(export: Export) -> None:
 
 
 def check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.errors import HFValidationError  # lazy: --push only
     from huggingface_hub.utils import validate_repo_id
 
     try:

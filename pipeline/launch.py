@@ -29,6 +29,8 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import psutil
+
 from pipeline import allocator
 from pipeline.errors import UserError
 
@@ -185,7 +187,7 @@ def has_gpu() -> bool:
     """A CUDA device this process may use (``DS_ACCELERATOR=cpu`` says no, as it does to DeepSpeed)."""
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         return False
-    import torch
+    import torch  # lazy: seconds of import; DS_ACCELERATOR=cpu never needs it
 
     return torch.cuda.is_available()
 
@@ -199,7 +201,7 @@ def run_local_ranks(nproc: int, argv: Sequence[str], on_cpu: bool) -> int:
     the ranks, which save and exit; torchrun itself only handles SIGQUIT (it kills the ranks).
     CPU ranks start with one OpenMP thread and the allocator set-up of ``pipeline.allocator``.
     """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # lazy: torch (seconds), --nproc only
     from torch.distributed.run import parse_args, run
 
     if on_cpu:
@@ -228,8 +230,6 @@ def run_local_ranks(nproc: int, argv: Sequence[str], on_cpu: bool) -> int:
 
 
 def _forward_to_children(signum: int, frame: object) -> None:
-    import psutil
-
     for child in psutil.Process().children(recursive=False):
         try:
             child.send_signal(signum)

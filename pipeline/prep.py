@@ -30,7 +30,7 @@ def run_prep(args: argparse.Namespace) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     """``memtrain prep merge DIR``: check every planned shard is written, write manifest.json."""
-    from data_prep.manifest import merge
+    from data_prep.manifest import merge  # lazy: numpy and the tokenizers cost CLI start-up time
 
     manifest = merge(args.dir)
     counts = " ".join(f"{split}={n}" for split, n in manifest["counts"].items())
@@ -50,7 +50,7 @@ def _progress_bars() -> Callable[[str, int | None], Callable[[int], None]]:
         if not interactive:
             print(f"prep: {stage}" + (f" ({total} books)" if total is not None else ""), file=sys.stderr, flush=True)
             return lambda n: None
-        from tqdm import tqdm
+        from tqdm import tqdm  # lazy: only a terminal shows bars
 
         bar = tqdm(total=total, desc=f"prep {stage}", unit="book", dynamic_ncols=True, file=sys.stderr)
         bars.append(bar)

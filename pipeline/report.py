@@ -21,7 +21,7 @@ def save_eval(result: EvalResult, folder: str | Path, stem: str) -> list[Path]:
 
 def plot_segments(result: EvalResult, path: str | Path) -> Path:
     """ppl and recall ppl against segment index (model and baseline), and the history+target curve."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib costs a second; only plotting needs it
     from matplotlib.ticker import MaxNLocator
 
     base = result.baseline

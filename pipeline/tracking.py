@@ -25,6 +25,7 @@ after its checkpoint, with identical values.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -38,6 +39,7 @@ from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from urllib.parse import unquote
 
 from pipeline.config import ExperimentConfig, flatten, mask_credentials
 from pipeline.errors import UserError
@@ -154,7 +156,7 @@ class Tracker(NullTracker):
     # --- starting ---
 
     def _create_run(self, cfg: ExperimentConfig) -> Any:
-        from mlflow.tracking.context.registry import resolve_tags
+        from mlflow.tracking.context.registry import resolve_tags  # lazy: mlflow (seconds)
 
         return self._client.create_run(experiment_id(self._client, cfg), run_name=run_name(cfg), tags=resolve_tags())
 
@@ -166,7 +168,7 @@ class Tracker(NullTracker):
     def _log_run_facts(self, run: Any, cfg: ExperimentConfig, ds_config: dict[str, Any] | None,
                        world_size: int) -> None:
         """Params (config + DeepSpeed JSON), tags and the two config files as artifacts."""
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param, RunTag  # lazy: mlflow (seconds)
 
         params = {key: str(value)[:MAX_PARAM_LENGTH] for key, value in run_params(cfg, ds_config).items()}
         held = run.data.params
@@ -255,7 +257,7 @@ def connect(uri: str | None, timeout_s: float) -> tuple["MlflowClient", str]:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri and uri.startswith(("http://", "https://")):
         wait_for_server(uri, timeout_s)
-    import mlflow
+    import mlflow  # lazy: mlflow costs seconds; disabled tracking never loads it
     from mlflow import MlflowClient
 
     resolved = uri or mlflow.get_tracking_uri()
@@ -284,8 +286,6 @@ def _scrub(message: str, uri: str) -> str:
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` tracking URI (None for any other store)."""
-    from urllib.parse import unquote
-
     prefix = "sqlite:///"
     return Path(unquote(uri[len(prefix):])) if uri.startswith(prefix) and uri != prefix + ":memory:" else None
 
@@ -293,8 +293,6 @@ def sqlite_path(uri: str) -> Path | None:
 @contextmanager
 def _exclusive(path: Path) -> Iterator[None]:
     """A blocking ``flock`` on ``path`` (released when the block ends, or its process dies)."""
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -321,7 +319,7 @@ def wait_for_server(uri: str, timeout_s: float) -> None:
 
 def experiment_id(client: "MlflowClient", cfg: ExperimentConfig) -> str:
     """The id of the experiment a new run goes to (created by name when missing); see the module docstring."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: mlflow (seconds)
 
     given_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
     if given_id and "experiment" not in cfg.tracking.model_fields_set:
@@ -386,7 +384,7 @@ def final_curves(result: "EvalResult") -> dict[str, list[float]]:
 
 def deliver(client: "MlflowClient", run_id: str, records: list[dict[str, Any]]) -> None:
     """Send records that ``_next_batch`` grouped: metric points, or one artifact, or one status."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # lazy: mlflow (seconds)
 
     first = records[0]
     if first["kind"] == "metric":
