@@ -4,7 +4,8 @@ Helpers every test folder can import (tests/support is on pytest's pythonpath; i
 module name, never from a conftest):
 
 - tiny.py: the one tiny experiment (TINY) and its variants: ``experiment(root, **changes)``,
-  ``write_experiment``, ``as_overrides`` (the same tree as `--set` items).
+  ``write_experiment``, ``as_overrides`` (the same tree as `--set` items); ``tiny_config(variant)``, the
+  validated config of one of its VARIANTS ("model", "eval", "zero3", "prep") for in-process tests.
 - processes.py: `memtrain` as a subprocess: ``memtrain(...)`` (wait, fail with both streams),
   ``start_memtrain(..., log=)`` (background), ``kill_tree``, ``tail``, ``process_env``.
 - clean_python.py: ``run_without_project(code, *args, tmp=)``, a python that cannot import memtrain
