@@ -1,24 +1,20 @@
-"""Tiny memory models for the model tests (CPU, fp32, a few thousand parameters)."""
+"""Tiny memory models for the model tests (CPU, fp32, a few thousand parameters): tiny.py's "model" variant."""
 
 from __future__ import annotations
 
+import tiny
 import torch
 
-from pipeline.config import ExperimentConfig, load_config
+from pipeline.config import ExperimentConfig
 from pipeline.models import MemoryModelForCausalLM, build_model
 
 VOCAB = 61
 BOS, EOS, PAD = 1, 2, 0
-SEGMENT_LEN = 8
+SEGMENT_LEN = tiny.VARIANTS["model"]["data"]["segment_len"]
 
 
 def tiny_config(kind: str = "rmt", arch: str = "gpt2", *overrides: str) -> ExperimentConfig:
-    return load_config(None, [
-        f"memory.kind={kind}", f"model.arch={arch}", f"data.segment_len={SEGMENT_LEN}", "data.n_segments=4",
-        "memory.num_tokens=3", "model.hidden_size=32", "model.num_heads=2", "model.num_layers=2",
-        "model.intermediate_size=64", "model.max_positions=64", "model.segment_checkpointing=false",
-        "memory.armt_d_mem=8", "memory.armt_nu=2", *overrides,
-    ])
+    return tiny.tiny_config("model", f"memory.kind={kind}", f"model.arch={arch}", *overrides)
 
 
 def tiny_model(kind: str = "rmt", arch: str = "gpt2", *overrides: str, seed: int = 0) -> MemoryModelForCausalLM:

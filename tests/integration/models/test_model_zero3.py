@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import as_overrides, tiny_tree
 
 from pipeline.config import load_config
 from pipeline.models import build_model
 
 STEPS, GLOBAL_BATCH, LR, GRAD_CLIP = 3, 4, 2e-2, 0.5
 TOKEN_IDS = {"vocab_size": 53, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-BASE = ["data.segment_len=8", "data.n_segments=3", "memory.num_tokens=2", "model.hidden_size=16",
-        "model.num_heads=2", "model.num_layers=2", "model.max_positions=32", "model.segment_checkpointing=true",
-        "memory.armt_d_mem=4", "memory.armt_nu=2"]
+BASE = as_overrides(tiny_tree("zero3"))  # as --set items: the ranks' script rebuilds the config from them
 MODELS = {"rmt_gpt2": ["memory.kind=rmt", "model.arch=gpt2"], "armt_llama": ["memory.kind=armt", "model.arch=llama"]}
 
 

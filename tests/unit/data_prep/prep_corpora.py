@@ -7,7 +7,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ExperimentConfig, build_config
+from tiny import tiny_config as tiny_variant
+
+from pipeline.config import ExperimentConfig
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # Long made-up words: the session tokenizer learns each as one token, so the 50 MB book stays cheap.
@@ -52,11 +54,5 @@ def write_books(folder: Path, n: int, n_words: int = 600, seed: int = 0) -> list
 
 
 def tiny_config(tmp_path: Path, **data: Any) -> ExperimentConfig:
-    tree = {
-        "source": "synthetic:8", "output_dir": str(tmp_path / "out"), "segment_len": 16, "n_segments": 8,
-        "vocab_size": 600, "tokenizer_sample_sentences": 1000, "tokenizer_threads": 2,
-        "samples_per_shard": 16, "val_fraction": 0.2, "test_fraction": 0.2,
-        "synthetic": {"words_per_book": 600, "facts_per_book": 4, "min_recall_distance_segments": 2},
-    }
-    tree.update(data)
-    return build_config({"data": tree})
+    """tiny.py's "prep" variant writing to ``tmp_path/out``, with ``data`` keys laid over its data section."""
+    return tiny_variant("prep", data={"output_dir": str(tmp_path / "out"), **data})

@@ -5,19 +5,18 @@ from __future__ import annotations
 import datasets
 import torch
 
-from pipeline.config import ExperimentConfig, load_config
+from tiny import VARIANTS, tiny_config
+
+from pipeline.config import ExperimentConfig
 from pipeline.models import build_model
 
 VOCAB, BOS, EOS, PAD = 53, 1, 2, 0
-SEGMENT_LEN, N_SEGMENTS = 8, 3
+SEGMENT_LEN, N_SEGMENTS = VARIANTS["eval"]["data"]["segment_len"], VARIANTS["eval"]["data"]["n_segments"]
 
 
 def eval_config(*overrides: str) -> ExperimentConfig:
-    return load_config(None, [
-        f"data.segment_len={SEGMENT_LEN}", f"data.n_segments={N_SEGMENTS}", "memory.kind=rmt", "memory.num_tokens=2",
-        "model.hidden_size=32", "model.num_heads=2", "model.num_layers=1", "model.intermediate_size=64",
-        "model.max_positions=64", "eval.batch_size=3", "eval.max_samples=5", *overrides,
-    ])
+    """tiny.py's "eval" variant (``--set``-style overrides on top)."""
+    return tiny_config("eval", *overrides)
 
 
 def tiny_model(cfg: ExperimentConfig, seed: int = 0) -> torch.nn.Module:
