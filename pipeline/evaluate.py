@@ -194,7 +194,23 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"not saved beside the run ({run.run_dir} is not writable: {err.strerror})", file=sys.stderr)
     if saved:
         print("wrote " + ", ".join(str(p) for p in saved))
+    log_checkpoint_eval(run, cfg, result, saved)
     return 0
+
+
+def log_checkpoint_eval(run: Any, cfg: ExperimentConfig, result: EvalResult, files: list[Path]) -> None:
+    """The table of ``memtrain eval`` on the MLflow run that trained the checkpoint: ``checkpoint_eval/*``
+    at the checkpoint's step (the baseline's as ``checkpoint_eval/baseline_*``), a tag saying what was
+    scored, and the files under ``checkpoint_eval/step_XXXXXXXX``. Best effort, like all tracking."""
+    from pipeline.tracking import checkpoint_eval_metrics, log_to_checkpoint_run
+
+    tag = tag_for(run.step)
+    summary = f"{result.split} split, {result.n_samples} samples, {len(result.segments)} segments of {result.segment_len}"
+    if result.baseline is not None:
+        summary += f"; baseline {cfg.eval.baseline}"
+    log_to_checkpoint_run(cfg, run.state.get("mlflow_run_id"), run.step, checkpoint_eval_metrics(result),
+                          {f"checkpoint_eval.{tag}": summary, "checkpoint_eval.last_step": str(run.step)},
+                          files, f"checkpoint_eval/{tag}", what="eval")
 
 
 def place_like_training(model: "torch.nn.Module", run_dir: Path) -> "torch.nn.Module":

@@ -382,6 +382,45 @@ def final_curves(result: "EvalResult") -> dict[str, list[float]]:
     return curves
 
 
+def checkpoint_eval_metrics(result: "EvalResult") -> dict[str, float]:
+    """``memtrain eval``'s metrics for the checkpoint's run: the periodic eval's series under
+    ``checkpoint_eval/`` and the baseline's, both at the checkpoint's step."""
+    metrics = {key.replace("eval/", "checkpoint_eval/", 1): value for key, value in eval_metrics(result).items()}
+    if result.baseline is not None:
+        metrics.update({key.replace("eval/", "checkpoint_eval/baseline_", 1): value
+                        for key, value in eval_metrics(result.baseline).items()})
+    return metrics
+
+
+def log_to_checkpoint_run(cfg: ExperimentConfig, run_id: str | None, step: int, metrics: dict[str, float],
+                          tags: dict[str, str], files: Sequence[Path], artifact_path: str,
+                          what: str) -> "MlflowClient | None":
+    """Log an evaluation or export made after training to the MLflow run that produced the checkpoint
+    (``run_id`` from its state): metrics at the checkpoint's ``step``, tags, files under ``artifact_path``.
+    Best effort: nothing to do without tracking or a run id; any failure is one warning line (the
+    results are on disk already). The client when everything arrived, else None."""
+    if not (cfg.tracking.enabled and run_id):
+        return None
+    from mlflow.entities import Metric, RunTag
+
+    try:
+        client, uri = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)
+        now = _now_ms()
+        points = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        for i in range(0, max(len(points), 1), METRICS_PER_REQUEST):
+            client.log_batch(run_id, metrics=points[i:i + METRICS_PER_REQUEST],
+                             tags=[RunTag(key, value) for key, value in tags.items()] if i == 0 else [])
+        for path in files:
+            client.log_artifact(run_id, str(path), artifact_path)
+    except Exception as err:  # noqa: BLE001 - a store away or a run gone never fails what is already written
+        reason = _scrub(_first_line(err), cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+        print(f"memtrain {what}: warning: not logged to MLflow run {run_id}: {type(err).__name__}: {reason[:200]}",
+              file=sys.stderr)
+        return None
+    print(f"memtrain {what}: logged to MLflow run {run_id} at {mask_credentials(uri)}")
+    return client
+
+
 def deliver(client: "MlflowClient", run_id: str, records: list[dict[str, Any]]) -> None:
     """Send records that ``_next_batch`` grouped: metric points, or one artifact, or one status."""
     from mlflow.entities import Metric  # lazy: mlflow (seconds)

@@ -1,0 +1,70 @@
+"""What `memtrain eval` and `memtrain export` record on the MLflow run that trained the checkpoint,
+seen through a real ``mlflow server`` (a copy of the session's trained run, reattached to a run there)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.cli import main
+from pipeline.evaluate import EvalResult
+from pipeline.run_dir import tag_for
+
+from shared_run import TrainedRun
+
+pytestmark = pytest.mark.slow
+
+
+def run_on_server(trained_run: TrainedRun, root: Path, uri: str) -> tuple[Path, str]:
+    """A copy of the trained run whose config and checkpoint state point at a new run on ``uri``."""
+    run = root / "train"
+    shutil.copytree(trained_run.output_dir, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["tracking"].update(enabled=True, uri=uri)
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment(f"records-{root.name}")).info.run_id
+    client.set_terminated(run_id)
+    for state_file in (run / "checkpoints").glob("step_*/memtrain_state.json"):
+        state = json.loads(state_file.read_text())
+        state_file.write_text(json.dumps({**state, "mlflow_run_id": run_id}))
+    return run, run_id
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def test_eval_after_training_logs_its_table_to_the_checkpoints_run(
+        trained_run: TrainedRun, mlflow_server, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run, run_id = run_on_server(trained_run, tmp_path, mlflow_server.uri)
+    step = json.loads(next((run / "checkpoints").glob("step_*/memtrain_state.json")).read_text())["step"]
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(run), "--json", str(out),
+                 "--set", f"eval.baseline={trained_run.baseline_dir}"]) == 0
+    assert f"logged to MLflow run {run_id}" in capsys.readouterr().out
+    result = EvalResult.from_json(out)
+
+    client = MlflowClient(mlflow_server.uri)
+    logged = client.get_run(run_id)
+    assert logged.info.status == "FINISHED"  # reattached for the eval, left as training ended it
+    assert history(client, run_id, "checkpoint_eval/ppl") == [(step, pytest.approx(result.ppl))]
+    for k, (row, base) in enumerate(zip(result.segments, result.baseline.segments, strict=True)):
+        assert history(client, run_id, f"checkpoint_eval/ppl_seg_{k:02d}") == [(step, pytest.approx(row.ppl))]
+        recall = [(step, pytest.approx(row.recall_ppl))] if math.isfinite(row.recall_ppl) else []  # none in segment 0
+        assert history(client, run_id, f"checkpoint_eval/recall_ppl_seg_{k:02d}") == recall
+        assert history(client, run_id, f"checkpoint_eval/baseline_ppl_seg_{k:02d}") == [(step, pytest.approx(base.ppl))]
+    tag = tag_for(step)
+    assert logged.data.tags["checkpoint_eval.last_step"] == str(step)
+    assert f"baseline {trained_run.baseline_dir}" in logged.data.tags[f"checkpoint_eval.{tag}"]
+    names = {Path(a.path).name for a in client.list_artifacts(run_id, f"checkpoint_eval/{tag}")}
+    assert {f"{tag}.json", f"{tag}.csv", f"{tag}.png", "eval.json"} == names
+    table = client.download_artifacts(run_id, f"checkpoint_eval/{tag}/{tag}.json", str(tmp_path / "dl"))
+    assert EvalResult.from_json(table) == result
+
