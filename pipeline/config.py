@@ -385,7 +385,9 @@ class ExportConfig(Section):
     max_new_tokens: int = Field(128, ge=1)
     """Default `max_new_tokens` in generation_config.json."""
     log_to_mlflow: bool = False
-    """Also log the exported folder as an artifact of the training's MLflow run (best effort)."""
+    """Also upload the exported folder (weights included) to the training's MLflow run; every export is recorded there anyway (tags, card, an external model)."""
+    register_as: str | None = None
+    """Register each export in the MLflow model registry under this name (a new version per export)."""
     base_model: str | None = None
     """Hub id of the base model in the card's metadata; unset: model.pretrained's own Hub id (its config's _name_or_path), if it has one."""
     datasets: list[str] = []

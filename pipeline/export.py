@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from pipeline.errors import UserError
 from pipeline.eval_result import EvalResult
 from pipeline.report import plot_segments
 from pipeline.run_dir import RunDir, tag_for
-from pipeline.tracking import connect
+from pipeline.tracking import log_to_checkpoint_run
 
 if TYPE_CHECKING:
     from pipeline.model_card import CardEvaluation
@@ -50,6 +51,8 @@ class Export:
     step: int
     cfg: ExperimentConfig
     mlflow_run_id: str | None
+    dtype: str = "fp32"
+    name: str = ""  # the model's name on its card (the Hub repo id, or the folder's name)
 
 
 def check_destination(out: Path, checkpoint: Path, force: bool) -> None:
@@ -145,7 +148,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
             raise UserError(f"no space left in {out.parent} writing the export; --out {out} is as it was: "
                             "free space and export again") from None
         raise
-    return Export(folder=out, step=step, cfg=cfg, mlflow_run_id=state.get("mlflow_run_id"))
+    return Export(folder=out, step=step, cfg=cfg, mlflow_run_id=state.get("mlflow_run_id"), dtype=dtype,
+                  name=model_name or out.name)
 
 
 def without_adapters(model: Any, lora: str, staging: Path) -> Any:
@@ -195,8 +199,18 @@ def copy_evaluation(train_dir: Path, step: int, staging: Path) -> "CardEvaluatio
     )
 
 
-def push_to_hub(folder: Path, repo_id: str, revision: str | None, private: bool, step: int) -> str:
-    """Upload ``folder`` to ``repo_id`` (on branch ``revision`` if given); returns the commit URL."""
+@dataclass(frozen=True)
+class HubPush:
+    """Where ``--push`` put an export."""
+
+    repo_id: str
+    revision: str  # the branch ("main" unless --revision)
+    commit_url: str
+    commit: str | None  # the commit's sha
+
+
+def push_to_hub(folder: Path, repo_id: str, revision: str | None, private: bool, step: int) -> HubPush:
+    """Upload ``folder`` to ``repo_id`` (on branch ``revision`` if given)."""
     from huggingface_hub import HfApi  # lazy: --push only
     from huggingface_hub.errors import HTTPError
 
@@ -211,22 +225,77 @@ def push_to_hub(folder: Path, repo_id: str, revision: str | None, private: bool,
     except (HTTPError, OSError) as err:  # OSError: no token found, unreadable folder
         raise UserError(f"push to {repo_id} failed (the export in {folder} is complete): "
                         f"{str(err).splitlines()[0]}") from None
-    return str(getattr(commit, "commit_url", repo_id))
+    url = getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}/tree/{revision or 'main'}"
+    return HubPush(repo_id, revision or "main", str(url), getattr(commit, "oid", None))
 
 
-def log_to_mlflow(export: Export) -> None:
-    """Attach the exported folder to the training's MLflow run. Best effort: a failure only warns."""
-    cfg = export.cfg
-    if not (cfg.tracking.enabled and cfg.export.log_to_mlflow and export.mlflow_run_id):
+def record_in_mlflow(export: Export, checkpoint: Path, hub: HubPush | None = None) -> None:
+    """Record the export on the training's MLflow run, best effort (a failure only warns): tags
+    ``export.step_XXXXXXXX.*`` (folder, checkpoint, dtype, Hub repo/revision/commit when pushed), the
+    model card as an artifact, the whole folder too with ``export.log_to_mlflow``, and an MLflow 3
+    external model (the weights stay in the folder and on the Hub) linked to the run, registered as
+    ``export.register_as`` when set."""
+    cfg, run_id = export.cfg, export.mlflow_run_id
+    tag = tag_for(export.step)
+    facts = {"folder": str(export.folder), "checkpoint": str(Path(checkpoint).absolute()),
+             "checkpoint_step": str(export.step), "dtype": export.dtype}
+    if hub is not None:
+        facts.update(hub_repo=hub.repo_id, hub_revision=hub.revision, hub_url=hub.commit_url)
+        if hub.commit:
+            facts["hub_commit"] = hub.commit
+    client = log_to_checkpoint_run(cfg, run_id, export.step, {},
+                                   {f"export.{tag}.{key}": value for key, value in facts.items()},
+                                   [export.folder / "README.md"], f"export/{tag}", what="export")
+    if client is None:
         return
-
     try:
-        client, _ = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)
-        client.log_artifacts(export.mlflow_run_id, str(export.folder), artifact_path=f"export/{tag_for(export.step)}")
+        if cfg.export.log_to_mlflow:
+            client.log_artifacts(run_id, str(export.folder), artifact_path=f"export/{tag}")
+        model = create_external_model(client, run_id, export.name,
+                                      {f"memtrain.{key}": value for key, value in facts.items()})
+        note = f"MLflow model {model.model_id}"
+        if cfg.export.register_as:
+            version = register(client, cfg.export.register_as, model, run_id)
+            note += f", registered as {cfg.export.register_as} version {version}"
+        print(f"memtrain export: recorded as {note}")
     except Exception as err:  # noqa: BLE001 - tracking must never fail an export that is already on disk
         reason = (str(err).strip().splitlines() or [""])[0][:200]
-        print(f"memtrain export: warning: not logged to MLflow run {export.mlflow_run_id}: "
-              f"{type(err).__name__}: {reason}", file=sys.stderr)
+        print(f"memtrain export: warning: not recorded as an MLflow model of run {run_id}: {type(err).__name__}: "
+              f"{reason}", file=sys.stderr)
+
+
+def create_external_model(client: Any, run_id: str, name: str, tags: dict[str, str]) -> Any:
+    """What ``mlflow.create_external_model`` does, on ``client``'s store (the fluent call uses the
+    process-wide tracking URI): a READY LoggedModel in the run's experiment whose weights live outside
+    MLflow, with the placeholder MLmodel file the registry needs."""
+    from mlflow.entities import LoggedModelStatus  # lazy: mlflow (seconds), only with tracking
+    from mlflow.models.model import MLMODEL_FILE_NAME
+    from mlflow.models.utils import get_external_mlflow_model_spec
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    name = re.sub(r"[/:.%\"']", "-", name)  # "org/name" -> "org-name": characters MLflow refuses in a model name
+    model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, model_type="memtrain",
+                                       tags={**tags, MLFLOW_MODEL_IS_EXTERNAL: "true"})
+    with tempfile.TemporaryDirectory() as tmp:
+        get_external_mlflow_model_spec(model).save(str(Path(tmp) / MLMODEL_FILE_NAME))
+        client.log_model_artifacts(model.model_id, tmp)
+    return client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+
+
+def register(client: Any, name: str, model: Any, run_id: str) -> str:
+    """A new version of the registered model ``name`` (created on first use) for ``model``; its number."""
+    from mlflow.exceptions import MlflowException  # lazy: mlflow
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:  # registered by an earlier export
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # the model's artifact location, not its models:/ URI: a SQLite registry resolves that URI through the
+    # process-wide tracking URI (the working directory's store), not this client's
+    return client.create_model_version(name, source=model.artifact_location, run_id=run_id,
+                                       model_id=model.model_id).version
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -247,8 +316,11 @@ def run_export(args: argparse.Namespace) -> int:
     export = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, force=args.force,
                                model_name=args.push, lora=args.lora)
     print(f"exported step {export.step} to {export.folder}")
-    log_to_mlflow(export)
-    if args.push:
-        url = push_to_hub(export.folder, args.push, args.revision, args.private, export.step)
-        print(f"pushed to {url}")
+    hub = None
+    try:
+        if args.push:
+            hub = push_to_hub(export.folder, args.push, args.revision, args.private, export.step)
+            print(f"pushed to {hub.commit_url}")
+    finally:  # a failed push leaves a complete export on disk: it is recorded either way
+        record_in_mlflow(export, Path(args.checkpoint), hub)
     return 0

@@ -192,12 +192,12 @@ def test_non_empty_out_is_refused_without_force(trained_run: TrainedRun, tmp_pat
                                    "--push", "not a repo id//"], capsys)
 
 
-def test_export_is_logged_to_the_training_mlflow_run_and_a_bad_run_only_warns(
+def test_export_folder_is_uploaded_with_log_to_mlflow_and_a_bad_run_only_warns(
         exports: Exports, trained_run: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from mlflow import MlflowClient
 
     from pipeline.config import load_config
-    from pipeline.export import Export, log_to_mlflow
+    from pipeline.export import Export, record_in_mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -205,9 +205,9 @@ def test_export_is_logged_to_the_training_mlflow_run_and_a_bad_run_only_warns(
     run_id = client.create_run(experiment).info.run_id
     cfg = load_config(trained_run.config, [f"tracking.uri={uri}", "tracking.enabled=true", "export.log_to_mlflow=true"])
 
-    log_to_mlflow(Export(folder=exports.fp32, step=4, cfg=cfg, mlflow_run_id=run_id))
+    record_in_mlflow(Export(folder=exports.fp32, step=4, cfg=cfg, mlflow_run_id=run_id), trained_run.output_dir)
     logged = {Path(a.path).name for a in client.list_artifacts(run_id, "export/step_00000004")}
     assert logged == {p.name for p in exports.fp32.iterdir()}
 
-    log_to_mlflow(Export(folder=exports.fp32, step=4, cfg=cfg, mlflow_run_id="no-such-run"))
+    record_in_mlflow(Export(folder=exports.fp32, step=4, cfg=cfg, mlflow_run_id="no-such-run"), trained_run.output_dir)
     assert "warning: not logged to MLflow run no-such-run" in capsys.readouterr().err

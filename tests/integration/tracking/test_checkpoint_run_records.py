@@ -68,3 +68,43 @@ def test_eval_after_training_logs_its_table_to_the_checkpoints_run(
     table = client.download_artifacts(run_id, f"checkpoint_eval/{tag}/{tag}.json", str(tmp_path / "dl"))
     assert EvalResult.from_json(table) == result
 
+
+def test_export_records_itself_on_the_run_with_the_hub_commit_card_and_a_registered_model(
+        trained_run: TrainedRun, mlflow_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    from huggingface_hub import CommitInfo, HfApi
+
+    run, run_id = run_on_server(trained_run, tmp_path, mlflow_server.uri)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["export"]["register_as"] = f"tiny-rmt-{tmp_path.name}"
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    monkeypatch.setenv("HF_TOKEN", "hf_FakeTokenNeverSent")
+    # the Hub upload is the one faked call
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: None)
+    monkeypatch.setattr(HfApi, "create_branch", lambda self, *a, **k: None)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **k: CommitInfo(
+        commit_url=f"https://huggingface.co/me/tiny-rmt/commit/{'ab' * 20}", commit_message="m",
+        commit_description="", oid="ab" * 20))
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--dtype", "bf16",
+                 "--push", "me/tiny-rmt", "--revision", "step-4"]) == 0
+    assert "registered as" in capsys.readouterr().out
+
+    client = MlflowClient(mlflow_server.uri)
+    step = json.loads(next((run / "checkpoints").glob("step_*/memtrain_state.json")).read_text())["step"]
+    prefix = f"export.{tag_for(step)}."
+    tags = {key.removeprefix(prefix): value for key, value in client.get_run(run_id).data.tags.items()
+            if key.startswith(prefix)}
+    assert tags == {"folder": str(out), "checkpoint": str(run), "checkpoint_step": str(step), "dtype": "bf16",
+                    "hub_repo": "me/tiny-rmt", "hub_revision": "step-4", "hub_commit": "ab" * 20,
+                    "hub_url": f"https://huggingface.co/me/tiny-rmt/commit/{'ab' * 20}"}
+    card = client.download_artifacts(run_id, f"export/{tag_for(step)}/README.md", str(tmp_path / "dl"))
+    assert Path(card).read_text() == (out / "README.md").read_text()
+
+    experiment = client.get_run(run_id).info.experiment_id
+    (model,) = client.search_logged_models([experiment])
+    assert (model.name, model.source_run_id, model.status) == ("me-tiny-rmt", run_id, "READY")
+    assert model.tags["memtrain.hub_commit"] == "ab" * 20 and model.tags["memtrain.folder"] == str(out)
+    (version,) = client.search_model_versions(f"name='{config['export']['register_as']}'")
+    assert model.model_id in version.source and version.run_id == run_id
+
