@@ -243,6 +243,8 @@ class TrainConfig(Section):
     """Print a progress line every N steps (terminal and logs/train.log); MLflow gets every step's metrics."""
     eval_every: int = Field(0, ge=0)
     """Evaluate on eval.split every N steps (0: only at the end)."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Peak TFLOP/s of one device, for the MFU metric; unset: built in for known GPUs (H100, A100, ...) in bf16/fp16, none for fp32 or CPU."""
 
     @field_validator("betas")
     @classmethod

@@ -49,7 +49,14 @@ class Progress:
         elapsed = time.perf_counter() - self.started
         eta = elapsed / done * (self.max_steps - step) if done else 0.0
         line = (f"step {step}/{self.max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} "
-                f"grad_norm {metrics['grad_norm']:.3g} tokens/s {metrics['tokens_per_s']:.0f} eta {eta:.0f}s")
+                f"grad_norm {metrics['grad_norm']:.3g} tokens/s {metrics['tokens_per_s']:.0f}")
+        if "tflops_per_s" in metrics:
+            line += f" TFLOP/s {metrics['tflops_per_s']:.3g}"
+        if "mfu" in metrics:
+            line += f" mfu {100 * metrics['mfu']:.1f}%"
+        if "peak_memory_gib" in metrics:
+            line += f" mem {metrics['peak_memory_gib']:.2f} GiB"
+        line += f" eta {eta:.0f}s"
         if self.bar is None:
             self.info(line)
         else:

@@ -32,6 +32,7 @@ from pipeline.config import ExperimentConfig, config_from_args, load_config
 from pipeline.ds_config import batch_plan, json_precision, offloads_optimizer, resolve_ds_config, zero_stage
 from pipeline.errors import UserError
 from pipeline.evaluate import evaluate_model
+from pipeline.flops import Throughput
 from pipeline.progress import Progress
 from pipeline.report import save_eval
 from pipeline.run_dir import LOCK_OWNER_ENV, RunDir, die_with_parent, lock_held_by_parent, tag_for
@@ -310,13 +311,15 @@ class Trainer:
                                       rank=dist_env.rank)
         self.progress = Progress(self.run_dir.train_log, self.step, cfg.train.max_steps,
                                  cfg.train.log_every, enabled=dist_env.is_main)
+        self.throughput, peak_note = Throughput.for_run(dist_env.world_size, cfg.train.peak_tflops,
+                                                        json_precision(self.ds_config))
         self._eval_split: Any = None
         checkpoint.restore_rng_states(rng_states, dist_env.rank, cfg.train.seed)  # last: nothing may draw after it
         resumed = f", resumed from {self.resume.tag_dir.name}{resume_note}" if self.resume else ""
         self.progress.info(f"ready in {time.perf_counter() - started:.1f} s: world size {dist_env.world_size}, "
                            f"global batch {self.plan.global_batch} = {self.plan.micro} x {self.plan.accum} x "
                            f"{self.plan.world}, ZeRO stage {zero_stage(self.ds_config)}, {json_precision(self.ds_config)}, "
-                           f"step {self.step}{resumed}")
+                           f"step {self.step}{resumed}; {peak_note}")
 
     def _load_checkpoint(self, resume: ResumePoint) -> dict[str, Any]:
         """Weights, optimizer state and our client state. DeepSpeed 0.19.8's universal ZeRO-3 load
@@ -371,7 +374,8 @@ class Trainer:
             counts = segments_for_step(cfg.train, self.step, cfg.data.n_segments, plan.accum)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for micro in self.batches.next_step(counts):
-                loss = self.engine(input_ids=micro.input_ids.to(device), labels=micro.labels.to(device)).loss
+                with self.throughput.forward():  # FLOPs counted in the first step only
+                    loss = self.engine(input_ids=micro.input_ids.to(device), labels=micro.labels.to(device)).loss
                 self.engine.backward(loss)  # one backward per micro-batch: all segments' losses are in it
                 self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
                 loss_sum += loss.detach().double()
@@ -390,9 +394,10 @@ class Trainer:
                 "loss": float(shared[0]) / (plan.world * plan.accum),
                 "lr": lr,
                 "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                "tokens_per_s": step_tokens / elapsed,
                 "samples_per_s": plan.global_batch / elapsed,
                 "n_segments": float(max(counts)),
+                # tokens_per_s, tflops_per_s, mfu, peak_memory_gib
+                **self.throughput.metrics(step_tokens // plan.world, step_tokens, elapsed),
             }
             self._stop_if_diverged(metrics["loss"], metrics["grad_norm"], weights_finite=bool(shared[2] == 0))
             self.tracker.log_metrics(metrics, step=self.step)

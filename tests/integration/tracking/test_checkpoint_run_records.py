@@ -16,6 +16,7 @@ from pipeline.cli import main
 from pipeline.evaluate import EvalResult
 from pipeline.run_dir import tag_for
 
+from processes import memtrain
 from shared_run import TrainedRun
 
 pytestmark = pytest.mark.slow
@@ -108,3 +109,25 @@ def test_export_records_itself_on_the_run_with_the_hub_commit_card_and_a_registe
     (version,) = client.search_model_versions(f"name='{config['export']['register_as']}'")
     assert model.model_id in version.source and version.run_id == run_id
 
+
+def test_resumed_training_logs_throughput_flops_and_mfu_every_step(
+        trained_run: TrainedRun, mlflow_server, tmp_path: Path) -> None:
+    """FLOPs are counted again at the first step of every process (here a resume on 2 ZeRO-3 ranks),
+    MFU is logged against train.peak_tflops (a CPU has no built-in peak)."""
+    run, run_id = run_on_server(trained_run, tmp_path, mlflow_server.uri)
+    start = json.loads(next((run / "checkpoints").glob("step_*/memtrain_state.json")).read_text())["step"]
+    steps = list(range(start + 1, start + 3))
+    proc = memtrain("train", "--nproc", "2", "--config", str(run / "config.yaml"), "--set", f"train.output_dir={run}",
+                    f"train.max_steps={steps[-1]}", "train.peak_tflops=0.001", "train.log_every=1")
+    assert "peak 0.001 TFLOP/s per device (train.peak_tflops, fp32)" in proc.stderr
+
+    client = MlflowClient(mlflow_server.uri)
+    tokens = dict(history(client, run_id, "tokens_per_s"))
+    tflops = dict(history(client, run_id, "tflops_per_s"))
+    mfu = dict(history(client, run_id, "mfu"))
+    memory = dict(history(client, run_id, "peak_memory_gib"))
+    assert sorted(tokens) == sorted(tflops) == sorted(mfu) == sorted(memory) == steps
+    for step in steps:
+        assert tflops[step] > 0 and mfu[step] == pytest.approx(tflops[step] / 0.001)
+        assert 0.1 < memory[step] < 64  # GiB of a rank's peak RSS
+    assert f"mfu {100 * mfu[steps[-1]]:.1f}%" in (run / "logs" / "train.log").read_text()
