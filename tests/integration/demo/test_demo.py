@@ -58,6 +58,18 @@ def test_demo_produces_every_artifact(trained_run: TrainedRun, exports: Exports)
         assert [p.step for p in sorted(curve, key=lambda p: p.step)] == list(range(n_segments))
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "eval")]
         assert any(p.endswith(".png") for p in artifacts), artifacts
+        # throughput at every step, FLOPs counted with torch's flop counter; no MFU: a CPU has no built-in peak
+        for key in ("tokens_per_s", "tflops_per_s", "peak_memory_gib"):
+            points = client.get_metric_history(run.info.run_id, key)
+            assert sorted(p.step for p in points) == list(range(1, STEPS + 1)) and min(p.value for p in points) > 0
+        assert "mfu" not in run.data.metrics
+    # the demo's eval and export are on the rmt run too
+    (rmt,) = [run for run in found if run.data.params["memory.kind"] == "rmt"]
+    assert client.get_metric_history(rmt.info.run_id, "checkpoint_eval/ppl")[0].step == STEPS
+    assert [m.value for m in client.get_metric_history(rmt.info.run_id, f"checkpoint_eval/baseline_ppl_seg_{n_segments - 1:02d}")] \
+        == [pytest.approx(result.baseline.segments[-1].ppl)]
+    models = client.search_logged_models([rmt.info.experiment_id])
+    assert str(trained_run.export_dir) in {m.tags.get("memtrain.folder") for m in models if m.source_run_id == rmt.info.run_id}
 
     # the export loads with plain transformers and scores the validation set like memtrain eval
     assert exports.clean["project_importable"] is False
