@@ -32,6 +32,7 @@ from pipeline.eval_result import EvalResult, NllRow, perplexity  # noqa: F401  (
 from pipeline.launch import has_gpu
 from pipeline.report import save_eval
 from pipeline.run_dir import RunDir, tag_for
+from pipeline.tracking import checkpoint_eval_metrics, log_to_checkpoint_run
 
 if TYPE_CHECKING:
     import datasets
@@ -202,8 +203,6 @@ def log_checkpoint_eval(run: Any, cfg: ExperimentConfig, result: EvalResult, fil
     """The table of ``memtrain eval`` on the MLflow run that trained the checkpoint: ``checkpoint_eval/*``
     at the checkpoint's step (the baseline's as ``checkpoint_eval/baseline_*``), a tag saying what was
     scored, and the files under ``checkpoint_eval/step_XXXXXXXX``. Best effort, like all tracking."""
-    from pipeline.tracking import checkpoint_eval_metrics, log_to_checkpoint_run
-
     tag = tag_for(run.step)
     summary = f"{result.split} split, {result.n_samples} samples, {len(result.segments)} segments of {result.segment_len}"
     if result.baseline is not None:

@@ -401,7 +401,7 @@ def log_to_checkpoint_run(cfg: ExperimentConfig, run_id: str | None, step: int, 
     results are on disk already). The client when everything arrived, else None."""
     if not (cfg.tracking.enabled and run_id):
         return None
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import Metric, RunTag  # lazy: mlflow (seconds)
 
     try:
         client, uri = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)
