@@ -70,7 +70,7 @@ def background_texts(data) -> Iterator[tuple[str, str, str]]:
                 yield split, f"filler-{split}-{i:05d}", filler_book(data.seed, split, i)
         return
 
-    source = SimpleNamespace(source=bl.background, text_field=data.text_field)
+    source = SimpleNamespace(source=bl.background, text_field=data.text_field, hf_streaming=data.hf_streaming)
     if bl.background.startswith(("babilong:", "synthetic:")):
         raise UserError(f"data.babilong.background {bl.background}: expected `filler` or a book source "
                         f"(folder, .jsonl, .parquet, hf:ID)")

@@ -7,8 +7,14 @@ Sources and their book ids (the split hashes the id, so ids must be stable):
 * a ``.txt``/``.txt.gz`` file: one book.
 * a ``.jsonl`` file: one book per line in ``data.text_field``; id ``<file name>:<line number>``.
 * a ``.parquet`` file (PG-19 schema: short_book_title, publication_date, url, text) and
-  ``hf:<dataset id or local folder>[:split]`` (``datasets.load_dataset(..., streaming=True)``):
-  one book per row; id = the row's ``url`` when present, else ``<name>:<row>``.
+  ``hf:<dataset id or local folder>[:split]``: one book per row; id = the row's ``url`` when
+  present, else ``<name>:<row>``.
+
+An ``hf:`` source is loaded the way ``datasets`` loads by default: downloaded once into the HF
+cache (``HF_DATASETS_CACHE``, under ``HF_HOME``) and read from there, memory-mapped, by every later
+pass and every array task (task 0 makes the cache while planning; the other tasks only open the
+source after its plan.json exists). ``data.hf_streaming: true`` streams it instead, with no disk
+copy, at the price of one full download per pass and per task.
 
 A reference carries what a worker needs (a path, the text itself, or a synthetic index) so the
 expensive part (read, decompress, clean, tokenize) runs in the workers.
@@ -62,7 +68,8 @@ def iter_refs(data, wanted: set[int] | None = None) -> Iterator[BookRef]:
         refs = (BookRef(i, f"synthetic-{i:05d}", SYNTHETIC, i) for i in range(_synthetic_count(source)))
     elif source.startswith("hf:"):
         name, _, split = source[3:].partition(":")
-        refs = _record_refs(_hf_records(name, split or "train", data.text_field), name, data.text_field)
+        rows = _hf_rows(name, split or "train", data.text_field, data.hf_streaming, wanted)
+        refs = _record_refs(rows, name, data.text_field)
     else:
         path = Path(source)
         kind = "folder" if path.is_dir() else _kind_of_file(path)
@@ -73,7 +80,7 @@ def iter_refs(data, wanted: set[int] | None = None) -> Iterator[BookRef]:
         elif kind == "jsonl":
             refs = _jsonl_refs(path, data.text_field, wanted)
         else:
-            refs = _record_refs(_parquet_records(path, data.text_field), path.name, data.text_field)
+            refs = _record_refs(enumerate(_parquet_records(path, data.text_field)), path.name, data.text_field)
     for ref in refs:
         if wanted is None or ref.index in wanted:
             yield ref
@@ -129,8 +136,9 @@ def _jsonl_refs(path: Path, field: str, wanted: set[int] | None) -> Iterator[Boo
                 yield BookRef(line_no, book_id, TEXT, text)
 
 
-def _record_refs(records: Iterator[dict], name: str, field: str) -> Iterator[BookRef]:
-    for row, record in enumerate(records):
+def _record_refs(rows: Iterator[tuple[int, dict]], name: str, field: str) -> Iterator[BookRef]:
+    """One ref per (row, record)."""
+    for row, record in rows:
         url = record.get("url")
         book_id = url if isinstance(url, str) and url else f"{name}:{row}"
         text = record.get(field)
@@ -150,15 +158,24 @@ def _parquet_records(path: Path, field: str) -> Iterator[dict]:
         yield from batch.to_pylist()
 
 
-def _hf_records(name: str, split: str, field: str) -> Iterator[dict]:
-    """Rows of a Hugging Face dataset, streamed (a hub id, or a local folder of data files)."""
+def _hf_rows(name: str, split: str, field: str, streaming: bool, wanted: set[int] | None) -> Iterator[tuple[int, dict]]:
+    """(row, record) of a Hugging Face dataset (a hub id, or a local folder of data files): from the HF
+    cache, downloaded on first use (only the ``wanted`` rows are read), or streamed."""
     import datasets  # lazy: only an hf: source needs it (seconds of import)
 
     try:
-        stream = datasets.load_dataset(name, split=split, streaming=True)
+        dataset = datasets.load_dataset(name, split=split, streaming=streaming)
     except Exception as err:  # hub, network and format errors all end here
         raise UserError(f"data.source hf:{name}: cannot load split {split!r}: {str(err).splitlines()[0]}") from None
-    columns = [c for c in (field, "url") if stream.column_names is None or c in stream.column_names]
-    if stream.column_names is not None and field not in stream.column_names:
-        raise UserError(f"data.source hf:{name} has no column {field!r} (columns: {', '.join(stream.column_names)})")
-    yield from stream.select_columns(columns) if stream.column_names is not None else stream
+    names = dataset.column_names
+    if names is not None and field not in names:
+        raise UserError(f"data.source hf:{name} has no column {field!r} (columns: {', '.join(names)})")
+    if names is not None:
+        dataset = dataset.select_columns([c for c in (field, "url") if c in names])
+    if streaming:
+        yield from enumerate(dataset)
+        return
+    rows = range(len(dataset)) if wanted is None else sorted(r for r in wanted if 0 <= r < len(dataset))
+    if wanted is not None:
+        dataset = dataset.select(rows)
+    yield from zip(rows, dataset)

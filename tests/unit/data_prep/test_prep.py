@@ -176,8 +176,9 @@ def test_killed_prep_leaves_no_acceptable_shard_and_rerun_finishes(config, tmp_p
     assert shard_files(data_dir) == shard_files(tmp_path / "clean")
 
 
-def test_parquet_and_hf_streaming_sources(config, tmp_path) -> None:
-    """PG-19 schema parquet, and the same rows through datasets.load_dataset(streaming=True)."""
+def test_parquet_and_hf_sources(config, tmp_path, monkeypatch) -> None:
+    """PG-19 schema parquet, and the same rows through datasets.load_dataset (into an HF cache of the test's own)."""
+    import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -190,6 +191,7 @@ def test_parquet_and_hf_streaming_sources(config, tmp_path) -> None:
     folder = tmp_path / "pg19"
     folder.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000.parquet")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     prepare(config(source=str(folder / "train-00000.parquet"), output_dir=str(tmp_path / "pq")))
     prepare(config(source=f"hf:{folder}", output_dir=str(tmp_path / "hf")))
     streams = book_streams(tmp_path / "pq")
