@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,6 +111,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(preempted_run: tuple[Run, objec
     log = snapshot.parent / "one-rank.log"
     code = run_train(run.config, "--set", f"train.output_dir={snapshot}", "tracking.enabled=false", log=log)
     assert code == 0, tail(log)
+    assert "global batch was" not in log.read_text()  # train.global_batch_size keeps it: nothing to say
     assert (snapshot / "checkpoints" / "universal").is_dir()
     final = read_state(find_latest(snapshot / "checkpoints"))
     assert final["step"] == MAX_STEPS and final["world_size"] == 1
@@ -118,3 +121,16 @@ def test_two_rank_checkpoint_resumes_on_one_rank(preempted_run: tuple[Run, objec
     reference, _, _ = load_consolidated(reference_run.output_dir)
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=1e-5)
+
+
+def test_resuming_on_one_rank_at_another_global_batch_says_so_in_one_line(reference_run: Run, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(reference_run.output_dir, copy)
+    log = tmp_path / "one-rank.log"
+    # no train.global_batch_size: 2 samples x 1 accumulation x 1 rank, where the checkpoint's was 4 on 2
+    code = run_train(reference_run.config, "--set", f"train.output_dir={copy}", "tracking.enabled=false",
+                     "train.global_batch_size=null", f"train.max_steps={MAX_STEPS + 1}", log=log)
+    assert code == 0, tail(log)
+    said = [line for line in log.read_text().splitlines() if "global batch" in line and "checkpoint" in line]
+    assert len(said) == 1 and "the checkpoint's global batch was 4 on 2 rank(s), now 2" in said[0], tail(log)
+    assert read_state(find_latest(copy / "checkpoints"))["global_batch"] == 2
