@@ -301,10 +301,15 @@ def _exclusive(path: Path) -> Iterator[None]:
 
 def wait_for_server(uri: str, timeout_s: float) -> None:
     """Return once anything answers HTTP at ``uri`` (``/health``), or raise a one-line UserError."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    # user:password@ in the URI is MLflow's basic auth; urllib would take it for part of the host name
+    parts = urlsplit(uri)
+    health = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/") + "/health", "", ""))
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=max(0.1, min(2.0, timeout_s))):
+            with urllib.request.urlopen(health, timeout=max(0.1, min(2.0, timeout_s))):
                 return
         except urllib.error.HTTPError:
             return  # it answered, maybe without a /health route: that is a server

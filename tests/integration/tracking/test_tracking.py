@@ -152,6 +152,25 @@ def test_unreachable_server_at_start_is_one_clear_line(unused_port: int, tmp_pat
     assert start_tracking(cfg, rank=1).run_id is None  # other ranks never talk to the server
 
 
+def test_credentials_in_the_uri_reach_the_server_and_no_message_or_param(mlflow_server, unused_port: int,
+                                                                          tmp_path: Path) -> None:
+    tracker = start_tracking(make_cfg(tmp_path / "out", mlflow_server.uri.replace("http://", "http://ann:s3cret@")),
+                             rank=0)  # basic auth in the URI, which this server ignores
+    tracker.log_metrics({"train/loss": 1.0}, 1)
+    tracker.finish()
+    run = MlflowClient(mlflow_server.uri).get_run(tracker.run_id)
+    assert history(MlflowClient(mlflow_server.uri), tracker.run_id, "train/loss") == [(1, 1.0)]
+    assert "s3cret" not in repr(run.data.params) and "s3cret" not in repr(run.data.tags)
+    assert run.data.params["tracking.uri"].startswith("http://ann:***@")
+
+    cfg = make_cfg(tmp_path / "out", f"http://ann:s3cret@127.0.0.1:{unused_port}", "tracking.connect_timeout_s=1")
+    with pytest.raises(UserError) as err:
+        start_tracking(cfg, rank=0)
+    message = str(err.value)
+    assert f"http://ann:***@127.0.0.1:{unused_port} is unreachable" in message and "s3cret" not in message
+    assert "refused" in message  # the port's answer, not a host name made of the credentials
+
+
 def test_default_store_is_sqlite_in_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
