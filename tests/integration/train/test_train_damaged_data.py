@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from train_support import write_config
+from train_support import tmpfs, write_config
 
 import data_prep.verify
 from pipeline.cli import main
@@ -132,21 +132,13 @@ def test_unusable_run_folders_are_one_line(output_dir, message: str, data: Path,
 
 
 def test_a_full_disk_at_prep_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import subprocess
-
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "disk", "40k") as disk:
         config = write_config(tmp_path / "prep.yaml", disk / "data", tmp_path / "unused", None)
         code = main(["prep", "--config", str(config)])
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith("memtrain prep: error:")]
         assert code == 2 and len(errors) == 1 and f"no space left on the device writing {disk}" in errors[0], err
         assert not (disk / "data" / "manifest.json").exists()
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_a_manifest_off_its_contract_is_one_line(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
