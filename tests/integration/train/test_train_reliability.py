@@ -1,7 +1,8 @@
 """Nothing lost, nothing silently wrong (issue 17), on real 2-rank ZeRO-3 runs: a failing final eval
 keeps the final checkpoint, a diverged run never leaves a poisoned `latest`, eval and export refuse
 non-finite or mismatched checkpoints, one writer per run folder, ranks die with their launcher, eval
-works on a read-only run folder, Ctrl-C saves, a full disk is one line."""
+works on a read-only run folder, Ctrl-C saves and ends the MLflow run KILLED (the resume continues it), a full
+disk at export is one line (at checkpoint save: test_train_disk_full.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 import processes
 from processes import kill_tree, tail
-from train_support import Run, run_train, start_train, wait_for_step, write_config
+from train_support import Run, run_train, start_train, tmpfs, wait_for_step, write_config
 
 from pipeline.checkpoint import find_latest, read_state
 from pipeline.run_dir import RunDir
@@ -107,6 +108,45 @@ def test_eval_of_a_read_only_run_folder_prints_and_writes_json(run_copy: Path, t
     assert (tmp_path / "eval.json").is_file() and not (run_copy / "eval").exists()
 
 
+def test_eval_elsewhere_names_the_keys_that_fix_the_run_s_paths(run_copy: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """A run made elsewhere (relative data dir, a demo copy's baked baseline) evaluated from another folder:
+    one line naming the key to set, and with those keys set it evaluates."""
+    import yaml
+
+    tree = yaml.safe_load((run_copy / "config.yaml").read_text())
+    tree["data"]["output_dir"] = "data"  # relative to the folder it was trained from
+    tree["eval"]["baseline"] = "runs/demo/train-none"
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(tree))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def evaluate(*overrides: str) -> subprocess.CompletedProcess:
+        args = ["eval", "--checkpoint", str(run_copy), *(["--set", *overrides] if overrides else [])]
+        return processes.memtrain(*args, cwd=elsewhere, check=False, timeout=300)
+
+    line = one_error_line(evaluate(), "eval")
+    assert "eval.baseline runs/demo/train-none does not exist" in line and "--set eval.baseline=null" in line
+    line = one_error_line(evaluate("eval.baseline=null"), "eval")
+    assert f"data.output_dir data holds no shards seen from {elsewhere}" in line and "--set data.output_dir=" in line
+    proc = evaluate("eval.baseline=null", f"data.output_dir={tiny_data}")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_sighup_saves_at_the_step_boundary_and_exits_85(train_root: Path, tiny_data: Path) -> None:
+    out = train_root / "hangup"
+    config = write_config(train_root / "hangup.yaml", tiny_data, out, None)
+    log = train_root / "hangup.log"
+    proc = start_train(config, "--nproc", "2", "--set", "train.max_steps=100000", "train.save_every=100000", log=log)
+    try:
+        wait_for_step(out / "logs" / "train.log", 1, proc)
+        proc.send_signal(signal.SIGHUP)  # the terminal closed
+        assert proc.wait(120) == 85, tail(log)
+    finally:
+        kill_tree(proc)
+    state = read_state(find_latest(out / "checkpoints"))
+    assert state["reason"] == "preempted" and state["step"] >= 1
+
+
 def test_a_diverged_run_leaves_no_poisoned_latest(train_root: Path, tiny_data: Path) -> None:
     out = train_root / "diverged"
     config = write_config(train_root / "diverged.yaml", tiny_data, out, None)
@@ -122,9 +162,17 @@ def test_a_diverged_run_leaves_no_poisoned_latest(train_root: Path, tiny_data: P
     assert list((out / "checkpoints").glob("poisoned-step_*")), tail(log)
 
 
+def mlflow_runs(tracking_uri: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    return client.search_runs([exp.experiment_id for exp in client.search_experiments()])
+
+
 def test_one_writer_ctrl_c_saves_and_ranks_die_with_their_launcher(train_root: Path, tiny_data: Path) -> None:
     out = train_root / "locked"
-    config = write_config(train_root / "locked.yaml", tiny_data, out, None)
+    tracking_uri = f"sqlite:///{train_root / 'locked-mlflow.db'}"  # a store of its own: this test's runs only
+    config = write_config(train_root / "locked.yaml", tiny_data, out, tracking_uri)
     log = train_root / "locked.log"
     endless = ["--set", "train.max_steps=100000", "train.save_every=100000"]
     first = start_train(config, "--nproc", "2", *endless, log=log)
@@ -137,7 +185,10 @@ def test_one_writer_ctrl_c_saves_and_ranks_die_with_their_launcher(train_root: P
         assert first.wait(120) == 85, tail(log)
     finally:
         kill_tree(first)
-    assert read_state(find_latest(out / "checkpoints"))["reason"] == "preempted"
+    state = read_state(find_latest(out / "checkpoints"))
+    assert state["reason"] == "preempted"
+    [run] = mlflow_runs(tracking_uri)  # the refused second writer started none
+    assert (run.info.run_id, run.info.status) == (state["mlflow_run_id"], "KILLED")
 
     offset = (out / "logs" / "train.log").stat().st_size
     again = start_train(config, "--nproc", "2", *endless, log=log)  # the lock was released
@@ -152,24 +203,15 @@ def test_one_writer_ctrl_c_saves_and_ranks_die_with_their_launcher(train_root: P
     finally:
         kill_tree(again)
     RunDir.of(out).lock().acquire().release()  # not left stuck by the kill
-
-
-def mounted_tmpfs(path: Path, size: str) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    [run] = mlflow_runs(tracking_uri)  # the resume reattached to the same run (RUNNING again) instead of a new one
+    assert (run.info.run_id, run.info.status) == (state["mlflow_run_id"], "RUNNING")
 
 
 def test_a_full_disk_at_export_is_one_line_and_leaves_out_as_it_was(run_copy: Path, tmp_path: Path) -> None:
-    disk = tmp_path / "disk"
-    if not mounted_tmpfs(disk, "48k"):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "disk", "48k") as disk:
         (disk / "hf").mkdir()
         (disk / "hf" / "previous.txt").write_text("an earlier export")
         proc = memtrain("export", "--checkpoint", str(run_copy), "--out", str(disk / "hf"), "--force")
         assert "no space left" in one_error_line(proc, "export")
         assert [p.name for p in disk.iterdir()] == ["hf"]  # no staging folder left behind
         assert (disk / "hf" / "previous.txt").read_text() == "an earlier export"
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
