@@ -39,7 +39,7 @@ from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pipeline.config import ExperimentConfig, flatten, mask_credentials
 from pipeline.errors import UserError
@@ -301,8 +301,6 @@ def _exclusive(path: Path) -> Iterator[None]:
 
 def wait_for_server(uri: str, timeout_s: float) -> None:
     """Return once anything answers HTTP at ``uri`` (``/health``), or raise a one-line UserError."""
-    from urllib.parse import urlsplit, urlunsplit
-
     # user:password@ in the URI is MLflow's basic auth; urllib would take it for part of the host name
     parts = urlsplit(uri)
     health = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/") + "/health", "", ""))
