@@ -71,3 +71,10 @@ def test_shipped_configs_load(repo_root: Path) -> None:
     assert len(configs) >= 3
     for path in configs:
         load_config(path)
+
+
+def test_no_shipped_config_bakes_an_eval_baseline(repo_root: Path) -> None:
+    """Users copy these configs: a baked relative baseline (runs/.../train-none) fails `memtrain eval`
+    anywhere else, so the baseline is passed where it runs (--set eval.baseline=DIR), as the demo does."""
+    baked = [path.name for path in sorted((repo_root / "configs").glob("*.yaml")) if load_config(path).eval.baseline]
+    assert baked == []
