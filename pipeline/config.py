@@ -315,6 +315,10 @@ class TrackingConfig(Section):
     """How long the start of training waits for an HTTP tracking server before it is an error."""
     flush_timeout_s: float = Field(30.0, ge=0)
     """How long the end of training waits to deliver buffered points; what is left stays in the spool file."""
+    system_metrics: bool = True
+    """MLflow's own system metrics (system/cpu_utilization_percentage, memory, disk, network; GPU with pynvml) from local rank 0 of each node."""
+    system_metrics_interval_s: float = Field(10.0, gt=0)
+    """Seconds between system metrics samples (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins, as in MLflow)."""
 
 
 class SlurmConfig(Section):

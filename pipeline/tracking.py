@@ -249,11 +249,35 @@ class Tracker(NullTracker):
                     self.spool.clear()
 
 
-def connect(uri: str | None, timeout_s: float) -> tuple["MlflowClient", str]:
-    """An MlflowClient for ``uri`` (or MLflow's own default) and the URI it resolved to."""
-    # The sender retries by itself; MLflow's own retries would hold its thread for minutes.
+def _quick_http_requests() -> None:
+    """The sender retries by itself; MLflow's own retries would hold its thread for minutes."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def start_system_metrics(cfg: ExperimentConfig, run_id: str | None, tracking_uri: str | None,
+                         node_id: str | None) -> Any:
+    """MLflow's own ``SystemMetricsMonitor`` on ``run_id`` (call it on local rank 0 of each node; its
+    metrics are ``system/<node_id>/...`` when ``node_id`` is set), continuing the run's system steps
+    after a resume. None when disabled or when it cannot start (one warning: never a reason to stop)."""
+    if not (cfg.tracking.enabled and cfg.tracking.system_metrics and run_id and tracking_uri):
+        return None
+    _quick_http_requests()
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # lazy: mlflow (seconds)
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_interval_s,
+                                       resume_logging=True, node_id=node_id, tracking_uri=tracking_uri)
+        monitor.start()
+    except Exception as err:  # noqa: BLE001 - system metrics are a nicety
+        _warn(f"system metrics not logged: {type(err).__name__}: {_scrub(_first_line(err), tracking_uri)}")
+        return None
+    return monitor
+
+
+def connect(uri: str | None, timeout_s: float) -> tuple["MlflowClient", str]:
+    """An MlflowClient for ``uri`` (or MLflow's own default) and the URI it resolved to."""
+    _quick_http_requests()
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri and uri.startswith(("http://", "https://")):
         wait_for_server(uri, timeout_s)

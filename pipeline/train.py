@@ -36,7 +36,7 @@ from pipeline.flops import Throughput
 from pipeline.progress import Progress
 from pipeline.report import save_eval
 from pipeline.run_dir import LOCK_OWNER_ENV, RunDir, die_with_parent, lock_held_by_parent, tag_for
-from pipeline.tracking import start_tracking
+from pipeline.tracking import start_system_metrics, start_tracking
 
 EXIT_PREEMPTED = launch.EXIT_PREEMPTED
 NAME_MAX = 255  # bytes in one file name on Linux file systems
@@ -309,6 +309,7 @@ class Trainer:
                                           cfg.data.segment_len, cfg.train.seed, position)
         self.tracker = start_tracking(cfg, self.ds_config, run_id=run_id, world_size=dist_env.world_size,
                                       rank=dist_env.rank)
+        self.system_metrics = self._start_system_metrics()
         self.progress = Progress(self.run_dir.train_log, self.step, cfg.train.max_steps,
                                  cfg.train.log_every, enabled=dist_env.is_main)
         self.throughput, peak_note = Throughput.for_run(dist_env.world_size, cfg.train.peak_tflops,
@@ -355,7 +356,27 @@ class Trainer:
             return code
         finally:
             self.progress.close()
+            if self.system_metrics is not None:
+                self.system_metrics.finish()
             self.tracker.finish(status)
+
+    def _start_system_metrics(self) -> Any:
+        """Collective: rank 0 shares its run and store, and local rank 0 of every node starts MLflow's
+        system metrics monitor on that run (named after its host when the job spans several)."""
+        if not (self.cfg.tracking.enabled and self.cfg.tracking.system_metrics):
+            return None
+        import socket
+
+        import torch.distributed as torch_dist  # lazy: torch
+
+        shared = [self.tracker.run_id, getattr(self.tracker, "tracking_uri", None)]
+        self.dist.broadcast_object_list(shared, src=0)
+        hosts: list[Any] = [None] * self.env.world_size
+        torch_dist.all_gather_object(hosts, socket.gethostname())
+        if self.env.local_rank != 0:
+            return None
+        node_id = socket.gethostname() if len(set(hosts)) > 1 else None
+        return start_system_metrics(self.cfg, shared[0], shared[1], node_id)
 
     def _loop(self, flag: PreemptionFlag) -> int:
         import torch  # lazy: seconds of import, off the CLI dispatch path

@@ -110,15 +110,17 @@ def test_export_records_itself_on_the_run_with_the_hub_commit_card_and_a_registe
     assert model.model_id in version.source and version.run_id == run_id
 
 
-def test_resumed_training_logs_throughput_flops_and_mfu_every_step(
+def test_resumed_training_logs_throughput_mfu_and_system_metrics(
         trained_run: TrainedRun, mlflow_server, tmp_path: Path) -> None:
     """FLOPs are counted again at the first step of every process (here a resume on 2 ZeRO-3 ranks),
-    MFU is logged against train.peak_tflops (a CPU has no built-in peak)."""
+    MFU is logged against train.peak_tflops (a CPU has no built-in peak), and MLflow's own system
+    metrics monitor runs on local rank 0."""
     run, run_id = run_on_server(trained_run, tmp_path, mlflow_server.uri)
     start = json.loads(next((run / "checkpoints").glob("step_*/memtrain_state.json")).read_text())["step"]
     steps = list(range(start + 1, start + 3))
     proc = memtrain("train", "--nproc", "2", "--config", str(run / "config.yaml"), "--set", f"train.output_dir={run}",
-                    f"train.max_steps={steps[-1]}", "train.peak_tflops=0.001", "train.log_every=1")
+                    f"train.max_steps={steps[-1]}", "train.peak_tflops=0.001", "train.log_every=1",
+                    "tracking.system_metrics_interval_s=0.2")
     assert "peak 0.001 TFLOP/s per device (train.peak_tflops, fp32)" in proc.stderr
 
     client = MlflowClient(mlflow_server.uri)
@@ -131,3 +133,8 @@ def test_resumed_training_logs_throughput_flops_and_mfu_every_step(
         assert tflops[step] > 0 and mfu[step] == pytest.approx(tflops[step] / 0.001)
         assert 0.1 < memory[step] < 64  # GiB of a rank's peak RSS
     assert f"mfu {100 * mfu[steps[-1]]:.1f}%" in (run / "logs" / "train.log").read_text()
+
+    # MLflow's system metrics, from one monitor (local rank 0 of the one node: no node prefix, no step twice)
+    cpu = [step for step, _ in history(client, run_id, "system/cpu_utilization_percentage")]
+    assert cpu and len(cpu) == len(set(cpu))
+    assert "system/system_memory_usage_megabytes" in client.get_run(run_id).data.metrics
