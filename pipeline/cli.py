@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--revision", default=None, metavar="BRANCH", help="Hub branch to push to (default: main)")
     export.add_argument("--private", action="store_true", help="create the Hub repository private")
     export.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    export.add_argument("--all-checkpoints", action="store_true",
+                        help="export every checkpoint of the run into OUT/step_XXXXXXXX; with --push, each to its own "
+                             "Hub branch step-N (as HF's hub_strategy=all_checkpoints keeps every checkpoint)")
 
     submit = commands.add_parser("submit", help="render the slurm/ templates and sbatch them")
     add_config_arguments(submit)

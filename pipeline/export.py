@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_prep.atomic import is_disk_full
-from pipeline.checkpoint import load_trained_model, read_json
+from pipeline.checkpoint import (TAG_PATTERN, complete_tags, load_trained_model, read_json, read_state,
+                                 resolve_tag_dir)
 from pipeline.config import ExperimentConfig
 from pipeline.errors import UserError
 from pipeline.eval_result import EvalResult
@@ -53,6 +54,7 @@ class Export:
     mlflow_run_id: str | None
     dtype: str = "fp32"
     name: str = ""  # the model's name on its card (the Hub repo id, or the folder's name)
+    tag_dir: Path | None = None  # the checkpoint exported
 
 
 def check_destination(out: Path, checkpoint: Path, force: bool) -> None:
@@ -107,7 +109,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
 
     out = Path(out).absolute()  # "." has no name to stage beside
     check_destination(out, Path(checkpoint), force)
-    model, cfg, train_dir, _, state, manifest = load_trained_model(checkpoint)
+    model, cfg, train_dir, tag_dir, state, manifest = load_trained_model(checkpoint)
     tokenizer_dir = RunDir.of(train_dir).tokenizer
     if not tokenizer_dir.is_dir():
         raise UserError(f"tokenizer not found: {tokenizer_dir} (is the checkpoint folder complete?)")
@@ -149,7 +151,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
                             "free space and export again") from None
         raise
     return Export(folder=out, step=step, cfg=cfg, mlflow_run_id=state.get("mlflow_run_id"), dtype=dtype,
-                  name=model_name or out.name)
+                  name=model_name or out.name, tag_dir=tag_dir.absolute())
 
 
 def without_adapters(model: Any, lora: str, staging: Path) -> Any:
@@ -229,7 +231,7 @@ def push_to_hub(folder: Path, repo_id: str, revision: str | None, private: bool,
     return HubPush(repo_id, revision or "main", str(url), getattr(commit, "oid", None))
 
 
-def record_in_mlflow(export: Export, checkpoint: Path, hub: HubPush | None = None) -> None:
+def record_in_mlflow(export: Export, hub: HubPush | None = None) -> None:
     """Record the export on the training's MLflow run, best effort (a failure only warns): tags
     ``export.step_XXXXXXXX.*`` (folder, checkpoint, dtype, Hub repo/revision/commit when pushed), the
     model card as an artifact, the whole folder too with ``export.log_to_mlflow``, and an MLflow 3
@@ -237,7 +239,7 @@ def record_in_mlflow(export: Export, checkpoint: Path, hub: HubPush | None = Non
     ``export.register_as`` when set."""
     cfg, run_id = export.cfg, export.mlflow_run_id
     tag = tag_for(export.step)
-    facts = {"folder": str(export.folder), "checkpoint": str(Path(checkpoint).absolute()),
+    facts = {"folder": str(export.folder), "checkpoint": str(export.tag_dir),
              "checkpoint_step": str(export.step), "dtype": export.dtype}
     if hub is not None:
         facts.update(hub_repo=hub.repo_id, hub_revision=hub.revision, hub_url=hub.commit_url)
@@ -313,14 +315,35 @@ def run_export(args: argparse.Namespace) -> int:
         check_repo_id(args.push)  # before minutes of export, not after
     elif args.revision or args.private:
         raise UserError("--revision and --private only apply with --push REPO_ID")
-    export = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, force=args.force,
-                               model_name=args.push, lora=args.lora)
+    if not args.all_checkpoints:
+        export_and_push(args, args.checkpoint, Path(args.out), args.revision)
+        return 0
+    if args.revision:
+        raise UserError("--all-checkpoints pushes each checkpoint to a branch of its own (step-N); drop --revision")
+    for tag_dir in all_checkpoints(args.checkpoint):
+        export_and_push(args, tag_dir, Path(args.out) / tag_dir.name, f"step-{read_state(tag_dir)['step']}")
+    return 0
+
+
+def all_checkpoints(path: str | Path) -> list[Path]:
+    """Every complete checkpoint of the run at ``path`` (its train.output_dir), oldest first."""
+    if TAG_PATTERN.match(Path(path).name):
+        raise UserError(f"--all-checkpoints takes the run's train.output_dir, not one checkpoint ({path})")
+    tags = complete_tags(RunDir.of(path).checkpoints)
+    return tags or [resolve_tag_dir(path)]  # none: resolve_tag_dir says why in one line
+
+
+def export_and_push(args: argparse.Namespace, checkpoint: str | Path, out: Path, revision: str | None) -> Export:
+    """One export (``--push``: then to ``revision``), recorded on the training's MLflow run either way."""
+    export = export_checkpoint(checkpoint, out, dtype=args.dtype, force=args.force,
+                               model_name=args.push or (Path(args.out).name if args.all_checkpoints else None),
+                               lora=args.lora)
     print(f"exported step {export.step} to {export.folder}")
     hub = None
     try:
         if args.push:
-            hub = push_to_hub(export.folder, args.push, args.revision, args.private, export.step)
+            hub = push_to_hub(export.folder, args.push, revision, args.private, export.step)
             print(f"pushed to {hub.commit_url}")
     finally:  # a failed push leaves a complete export on disk: it is recorded either way
-        record_in_mlflow(export, Path(args.checkpoint), hub)
-    return 0
+        record_in_mlflow(export, hub)
+    return export

@@ -205,9 +205,9 @@ def test_export_folder_is_uploaded_with_log_to_mlflow_and_a_bad_run_only_warns(
     run_id = client.create_run(experiment).info.run_id
     cfg = load_config(trained_run.config, [f"tracking.uri={uri}", "tracking.enabled=true", "export.log_to_mlflow=true"])
 
-    record_in_mlflow(Export(folder=exports.fp32, step=4, cfg=cfg, mlflow_run_id=run_id), trained_run.output_dir)
+    record_in_mlflow(Export(folder=exports.fp32, step=4, cfg=cfg, mlflow_run_id=run_id))
     logged = {Path(a.path).name for a in client.list_artifacts(run_id, "export/step_00000004")}
     assert logged == {p.name for p in exports.fp32.iterdir()}
 
-    record_in_mlflow(Export(folder=exports.fp32, step=4, cfg=cfg, mlflow_run_id="no-such-run"), trained_run.output_dir)
+    record_in_mlflow(Export(folder=exports.fp32, step=4, cfg=cfg, mlflow_run_id="no-such-run"))
     assert "warning: not logged to MLflow run no-such-run" in capsys.readouterr().err

@@ -96,7 +96,8 @@ def test_export_records_itself_on_the_run_with_the_hub_commit_card_and_a_registe
     prefix = f"export.{tag_for(step)}."
     tags = {key.removeprefix(prefix): value for key, value in client.get_run(run_id).data.tags.items()
             if key.startswith(prefix)}
-    assert tags == {"folder": str(out), "checkpoint": str(run), "checkpoint_step": str(step), "dtype": "bf16",
+    assert tags == {"folder": str(out), "checkpoint": str(run / "checkpoints" / tag_for(step)),
+                    "checkpoint_step": str(step), "dtype": "bf16",
                     "hub_repo": "me/tiny-rmt", "hub_revision": "step-4", "hub_commit": "ab" * 20,
                     "hub_url": f"https://huggingface.co/me/tiny-rmt/commit/{'ab' * 20}"}
     card = client.download_artifacts(run_id, f"export/{tag_for(step)}/README.md", str(tmp_path / "dl"))
@@ -110,18 +111,26 @@ def test_export_records_itself_on_the_run_with_the_hub_commit_card_and_a_registe
     assert model.model_id in version.source and version.run_id == run_id
 
 
-def test_resumed_training_logs_throughput_mfu_and_system_metrics(
-        trained_run: TrainedRun, mlflow_server, tmp_path: Path) -> None:
-    """FLOPs are counted again at the first step of every process (here a resume on 2 ZeRO-3 ranks),
-    MFU is logged against train.peak_tflops (a CPU has no built-in peak), and MLflow's own system
-    metrics monitor runs on local rank 0."""
-    run, run_id = run_on_server(trained_run, tmp_path, mlflow_server.uri)
+
+@pytest.fixture(scope="module")
+def resumed_run(trained_run: TrainedRun, mlflow_server, tmp_path_factory: pytest.TempPathFactory):
+    """A copy of the trained run resumed for 2 more steps on 2 ZeRO-3 ranks, logging to the server:
+    (run folder, run id, the new steps, memtrain's stderr)."""
+    run, run_id = run_on_server(trained_run, tmp_path_factory.mktemp("resumed"), mlflow_server.uri)
     start = json.loads(next((run / "checkpoints").glob("step_*/memtrain_state.json")).read_text())["step"]
     steps = list(range(start + 1, start + 3))
     proc = memtrain("train", "--nproc", "2", "--config", str(run / "config.yaml"), "--set", f"train.output_dir={run}",
                     f"train.max_steps={steps[-1]}", "train.peak_tflops=0.001", "train.log_every=1",
                     "tracking.system_metrics_interval_s=0.2")
-    assert "peak 0.001 TFLOP/s per device (train.peak_tflops, fp32)" in proc.stderr
+    return run, run_id, steps, proc.stderr
+
+
+def test_resumed_training_logs_throughput_mfu_and_system_metrics(resumed_run, mlflow_server) -> None:
+    """FLOPs are counted again at the first step of every process (here a resume on 2 ZeRO-3 ranks),
+    MFU is logged against train.peak_tflops (a CPU has no built-in peak), and MLflow's own system
+    metrics monitor runs on local rank 0."""
+    run, run_id, steps, stderr = resumed_run
+    assert "peak 0.001 TFLOP/s per device (train.peak_tflops, fp32)" in stderr
 
     client = MlflowClient(mlflow_server.uri)
     tokens = dict(history(client, run_id, "tokens_per_s"))
@@ -138,3 +147,40 @@ def test_resumed_training_logs_throughput_mfu_and_system_metrics(
     cpu = [step for step, _ in history(client, run_id, "system/cpu_utilization_percentage")]
     assert cpu and len(cpu) == len(set(cpu))
     assert "system/system_memory_usage_megabytes" in client.get_run(run_id).data.metrics
+
+
+def test_all_checkpoints_go_to_a_hub_branch_each_and_are_recorded(
+        resumed_run, mlflow_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    from huggingface_hub import HfApi
+
+    run, run_id, steps, _ = resumed_run
+    token = "hf_FakeTokenOfTheAllCheckpointsTest"
+    monkeypatch.setenv("HF_TOKEN", token)
+    calls: list[tuple[str, dict]] = []
+    for name in ("create_repo", "create_branch", "upload_folder"):  # the Hub upload is the one faked call
+        monkeypatch.setattr(HfApi, name, lambda self, *a, _name=name, **k: calls.append((_name, k)))
+    out = tmp_path / "exports"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--all-checkpoints", "--push", "me/tiny"]) == 0
+
+    tags = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert len(tags) == 2 and tags[-1] == tag_for(steps[-1])  # train.keep_last=2: the resumed-from one and the last
+    assert sorted(p.name for p in out.iterdir()) == tags
+    uploads = [k for name, k in calls if name == "upload_folder"]
+    assert [(Path(k["folder_path"]).name, k["revision"]) for k in uploads] == [
+        (tag, f"step-{int(tag.removeprefix('step_'))}") for tag in tags]
+    assert [k["branch"] for name, k in calls if name == "create_branch"] == [u["revision"] for u in uploads]
+    client_tags = MlflowClient(mlflow_server.uri).get_run(run_id).data.tags
+    for tag in tags:
+        assert client_tags[f"export.{tag}.hub_revision"] == f"step-{int(tag.removeprefix('step_'))}"
+        assert client_tags[f"export.{tag}.folder"] == str(out / tag)
+    captured = capsys.readouterr()
+    assert not [text for text in (captured.out, captured.err, caplog.text, *client_tags.values()) if token in text]
+    assert "--all-checkpoints takes the run's train.output_dir" in error_of(
+        ["export", "--checkpoint", str(run / "checkpoints" / tags[0]), "--out", str(tmp_path / "x"), "--all-checkpoints"],
+        capsys)
+
+
+def error_of(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
