@@ -27,7 +27,7 @@ from typing import Any, Iterator
 from tokenizers import Tokenizer
 
 from data_prep.atomic import write_bytes, write_text
-from pipeline import allocator, checkpoint, launch
+from pipeline import allocator, checkpoint, launch, universal
 from pipeline.config import ExperimentConfig, config_from_args, load_config
 from pipeline.ds_config import batch_plan, json_precision, offloads_optimizer, resolve_ds_config, zero_stage
 from pipeline.errors import UserError
@@ -186,7 +186,8 @@ class ResumePoint:
 
 def resume_point(ckpt_dir: Path, world_size: int, is_main: bool) -> ResumePoint | None:
     """The latest complete checkpoint; saved at another world size, rank 0 converts it to DeepSpeed's
-    universal format first (collective)."""
+    universal format first while the other ranks wait on the folder, not in a collective that would time
+    out on a large model (pipeline/universal.py; collective)."""
     import deepspeed.comm as dist  # lazy: seconds of import, off the CLI dispatch path
 
     tag_dir = checkpoint.find_latest(ckpt_dir)
@@ -194,10 +195,8 @@ def resume_point(ckpt_dir: Path, world_size: int, is_main: bool) -> ResumePoint 
         return None
     if checkpoint.CheckpointState.read(tag_dir).world_size == world_size:
         return ResumePoint(tag_dir, ckpt_dir, universal=False)
-    if is_main:
-        checkpoint.convert_to_universal(tag_dir)
-    dist.barrier()
-    return ResumePoint(tag_dir, checkpoint.universal_tag_dir(tag_dir).parent, universal=True)
+    target = universal.convert_or_wait(tag_dir, is_main, dist.barrier)
+    return ResumePoint(tag_dir, target.parent, universal=True)
 
 
 def train(cfg: ExperimentConfig) -> int:
