@@ -169,6 +169,22 @@ def mlflow_runs(tracking_uri: str) -> list:
     return client.search_runs([exp.experiment_id for exp in client.search_experiments()])
 
 
+def test_weights_made_non_finite_by_the_update_are_never_saved(failed_eval_run: Run, run_copy: Path) -> None:
+    """One NaN in AdamW's first moment (rank 1's partition): the next step's loss, computed before the
+    update, and its grad norm are finite, and the update makes a weight NaN. Only the check of the
+    updated weights stops that step's save."""
+    optim = find_latest(run_copy / "checkpoints") / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    states = torch.load(optim, weights_only=False)
+    states["optimizer_state_dict"]["optimizer_state_dict"]["state"][0]["exp_avg"][3] = float("nan")
+    torch.save(states, optim)
+    log = run_copy.parent / "poisoned-moment.log"
+    code = run_train(failed_eval_run.config, "--nproc", "2", "--set", f"train.output_dir={run_copy}",
+                     "train.max_steps=6", "train.save_every=1", log=log)
+    assert code == 2, tail(log)
+    assert "training diverged at step 4 (non-finite weights after the update)" in tail(log)
+    assert sorted(p.name for p in (run_copy / "checkpoints").glob("*step_*")) == ["step_00000003"], tail(log)
+
+
 def test_one_writer_ctrl_c_saves_and_ranks_die_with_their_launcher(train_root: Path, tiny_data: Path) -> None:
     out = train_root / "locked"
     tracking_uri = f"sqlite:///{train_root / 'locked-mlflow.db'}"  # a store of its own: this test's runs only
