@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from data_prep.atomic import is_disk_full, temporary, write_json, write_text
 from pipeline.config import ExperimentConfig, load_config
 from pipeline.errors import UserError
-from pipeline.run_dir import RunDir, tag_for
+from pipeline.run_dir import RunDir, lock_held_by_parent, tag_for
 
 if TYPE_CHECKING:
     from pipeline.models import MemoryModelForCausalLM
@@ -114,9 +114,21 @@ def find_latest(ckpt_dir: Path) -> Path | None:
     tags = complete_tags(ckpt_dir)
     found = tags[-1] if tags else None
     if named is not None and (named / STATE_FILE).is_file():  # sealed, yet a rank's shard is gone
-        print(f"memtrain: warning: checkpoint {named} lacks {missing_rank_files(named)[0]}; using "
-              f"{found.name if found else 'none'} instead", file=sys.stderr)
+        warn_once(f"checkpoint {named} lacks {missing_rank_files(named)[0]}; using "
+                  f"{found.name if found else 'none'} instead")
     return found
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A warning said once per job: once per process, by rank 0 only, and not by the ranks of
+    ``--nproc``, whose launcher said it already (its preflight reads the same checkpoints)."""
+    if message in _warned or os.environ.get("RANK", "0") != "0" or lock_held_by_parent():
+        return
+    _warned.add(message)
+    print(f"memtrain: warning: {message}", file=sys.stderr)
 
 
 def set_aside(tag_dir: Path) -> Path:
