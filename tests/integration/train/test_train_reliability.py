@@ -185,6 +185,23 @@ def test_weights_made_non_finite_by_the_update_are_never_saved(failed_eval_run: 
     assert sorted(p.name for p in (run_copy / "checkpoints").glob("*step_*")) == ["step_00000003"], tail(log)
 
 
+def test_a_rank_shard_missing_from_the_latest_checkpoint_resumes_from_the_previous(reference_run: Run,
+                                                                                     tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(reference_run.output_dir, copy)
+    latest = find_latest(copy / "checkpoints")
+    (latest / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()  # lost with a node-local disk
+    log = tmp_path / "resume.log"
+    code = run_train(reference_run.config, "--nproc", "2", "--set", f"train.output_dir={copy}", "tracking.enabled=false",
+                     "train.max_steps=13", log=log)
+    assert code == 0, tail(log)
+    text = log.read_text()
+    warning = f"memtrain: warning: checkpoint {latest} lacks zero_pp_rank_1_mp_rank_00_optim_states.pt; using step_00000012 instead"
+    assert text.count(warning) == 1, text[-4000:]  # once for the job, not once per rank and look-up
+    assert "resumed from step_00000012" in text
+    assert read_state(find_latest(copy / "checkpoints"))["step"] == 13
+
+
 def test_one_writer_ctrl_c_saves_and_ranks_die_with_their_launcher(train_root: Path, tiny_data: Path) -> None:
     out = train_root / "locked"
     tracking_uri = f"sqlite:///{train_root / 'locked-mlflow.db'}"  # a store of its own: this test's runs only
