@@ -275,6 +275,18 @@ def start_system_metrics(cfg: ExperimentConfig, run_id: str | None, tracking_uri
     return monitor
 
 
+def stop_system_metrics(monitor: Any) -> None:
+    """Stop the monitor, then log one last sample with what it gathered since its last point: MLflow's
+    own loop logs only after a whole interval, so a job shorter than one would have none at all."""
+    monitor.finish()
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as err:  # noqa: BLE001 - system metrics are a nicety
+        _warn(f"last system metrics sample not logged: {type(err).__name__}: {_first_line(err)[:200]}")
+
+
 def connect(uri: str | None, timeout_s: float) -> tuple["MlflowClient", str]:
     """An MlflowClient for ``uri`` (or MLflow's own default) and the URI it resolved to."""
     _quick_http_requests()

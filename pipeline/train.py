@@ -36,7 +36,7 @@ from pipeline.flops import Throughput
 from pipeline.progress import Progress
 from pipeline.report import save_eval
 from pipeline.run_dir import LOCK_OWNER_ENV, RunDir, die_with_parent, lock_held_by_parent, tag_for
-from pipeline.tracking import start_system_metrics, start_tracking
+from pipeline.tracking import start_system_metrics, start_tracking, stop_system_metrics
 
 EXIT_PREEMPTED = launch.EXIT_PREEMPTED
 NAME_MAX = 255  # bytes in one file name on Linux file systems
@@ -356,7 +356,7 @@ class Trainer:
         finally:
             self.progress.close()
             if self.system_metrics is not None:
-                self.system_metrics.finish()
+                stop_system_metrics(self.system_metrics)
             self.tracker.finish(status)
 
     def _start_system_metrics(self) -> Any:

@@ -63,6 +63,8 @@ def test_demo_produces_every_artifact(trained_run: TrainedRun, exports: Exports)
             points = client.get_metric_history(run.info.run_id, key)
             assert sorted(p.step for p in points) == list(range(1, STEPS + 1)) and min(p.value for p in points) > 0
         assert "mfu" not in run.data.metrics
+        # MLflow's system metrics: a last sample even though each run is shorter than one 10 s interval
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     # the demo's eval and export are on the rmt run too
     (rmt,) = [run for run in found if run.data.params["memory.kind"] == "rmt"]
     assert client.get_metric_history(rmt.info.run_id, "checkpoint_eval/ppl")[0].step == STEPS
