@@ -160,6 +160,25 @@ def segments_for_step(train: TrainConfig, step: int, max_segments: int, accum: i
     return counts
 
 
+def step_batches(batches: "TrainBatches | LengthPools", train: TrainConfig, step: int, max_segments: int,
+                 accum: int) -> list[MicroBatch]:
+    """This rank's micro-batches of ``step``: the curriculum's segment counts, as the first segments of
+    each sample, or (``train.curriculum_split``) as every sample cut into chains of that many segments."""
+    counts = segments_for_step(train, step, max_segments, accum)
+    if not train.curriculum_split:
+        return batches.next_step(counts)
+    return [as_chains(micro, n) for micro, n in zip(batches.next_step([max_segments] * accum), counts)]
+
+
+def as_chains(micro: MicroBatch, n_segments: int) -> MicroBatch:
+    """[B, k * n * L] -> [B * k, n * L]: each row cut into k independent chains of ``n_segments`` segments.
+    The target across a cut is lost (one per chain), as at any sample boundary."""
+    chains = micro.n_segments // n_segments
+    rows = micro.input_ids.shape[0] * chains
+    return MicroBatch(input_ids=micro.input_ids.reshape(rows, -1), labels=micro.labels.reshape(rows, -1),
+                      n_segments=n_segments)
+
+
 def check_data(cfg: ExperimentConfig, manifest: dict[str, Any], tokenizer_vocab: int) -> None:
     """The shards must fit the model and the config: segment shape, segment count, vocabulary."""
     where = cfg.data.output_dir

@@ -380,7 +380,7 @@ class Trainer:
     def _loop(self, flag: PreemptionFlag) -> int:
         import torch  # lazy: seconds of import, off the CLI dispatch path
 
-        from pipeline.data import segments_for_step
+        from pipeline.data import step_batches
         from pipeline.optim import lr_at
 
         cfg, plan, device = self.cfg, self.plan, self.engine.device
@@ -391,16 +391,16 @@ class Trainer:
             lr = lr_at(cfg.train, self.step)
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr
-            counts = segments_for_step(cfg.train, self.step, cfg.data.n_segments, plan.accum)
+            micros = step_batches(self.batches, cfg.train, self.step, cfg.data.n_segments, plan.accum)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for micro in self.batches.next_step(counts):
+            for micro in micros:
                 with self.throughput.forward():  # FLOPs counted in the first step only
                     loss = self.engine(input_ids=micro.input_ids.to(device), labels=micro.labels.to(device)).loss
                 self.engine.backward(loss)  # one backward per micro-batch: all segments' losses are in it
                 self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
                 loss_sum += loss.detach().double()
             self.step += 1
-            step_tokens = sum(counts) * cfg.data.segment_len * plan.micro * plan.world
+            step_tokens = sum(micro.input_ids.numel() for micro in micros) * plan.world
             self.tokens_seen += step_tokens
             # one collective per step: the mean loss, whether any rank was asked to stop, and how many
             # ranks hold non-finite weights after the update
@@ -415,7 +415,7 @@ class Trainer:
                 "lr": lr,
                 "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                 "samples_per_s": plan.global_batch / elapsed,
-                "n_segments": float(max(counts)),
+                "n_segments": float(max(micro.n_segments for micro in micros)),
                 # tokens_per_s, tflops_per_s, mfu, peak_memory_gib
                 **self.throughput.metrics(step_tokens // plan.world, step_tokens, elapsed),
             }

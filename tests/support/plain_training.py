@@ -18,7 +18,7 @@ import torch
 from data_prep.manifest import read_manifest
 from data_prep.shards import open_split
 from pipeline.config import ExperimentConfig, load_config
-from pipeline.data import TrainBatches, open_train_split, segments_for_step
+from pipeline.data import TrainBatches, open_train_split, step_batches
 from pipeline.demo import DEMO_RANKS
 from pipeline.ds_config import batch_plan
 from pipeline.evaluate import evaluate_model
@@ -38,7 +38,7 @@ def train_steps(model: torch.nn.Module, cfg: ExperimentConfig, steps: int) -> li
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg.train, step)
         total = 0.0
-        for micro in batches.next_step(segments_for_step(cfg.train, step, cfg.data.n_segments, plan.accum)):
+        for micro in step_batches(batches, cfg.train, step, cfg.data.n_segments, plan.accum):
             loss = model(input_ids=micro.input_ids, labels=micro.labels).loss
             (loss / plan.accum).backward()
             total += loss.item()

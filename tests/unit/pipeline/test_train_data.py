@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data import IGNORE_INDEX, DataPosition, TrainBatches, check_data, curriculum_segments, segments_for_step
+from pipeline.data import (IGNORE_INDEX, DataPosition, TrainBatches, check_data, curriculum_segments, segments_for_step,
+                           step_batches)
 from pipeline.ds_config import BatchPlan
 from pipeline.errors import UserError
 
@@ -66,8 +67,46 @@ def test_curriculum_by_step_and_random_truncation_drawn_the_same_everywhere() ->
     assert draws == [segments_for_step(cfg.train, step, 8, accum=4) for step in range(10, 60)]
     flat = np.array(draws).ravel()
     assert flat.min() >= 1 and flat.max() == 8 and 0.3 < (flat < 8).mean() < 0.7
-    plain = load_config(overrides=["data.n_segments=8"])
+    plain = load_config(overrides=["data.n_segments=8", "train.curriculum=[]"])
     assert segments_for_step(plain.train, 5, 8, accum=2) == [8, 8]
+
+
+def test_curriculum_split_trains_every_token_as_shorter_chains() -> None:
+    stages = "train.curriculum=[{from_step: 0, n_segments: 1}, {from_step: 2, n_segments: 3}]"
+    cut = load_config(overrides=[f"data.n_segments={NSEG}", stages, "train.curriculum_split=false"])
+    split = load_config(overrides=[f"data.n_segments={NSEG}", stages, "train.curriculum_split=true"])
+    data = dataset(8)
+    first = step_batches(TrainBatches(data, BatchPlan(2, 1, 1), 0, SEG, seed=3), cut.train, 0, NSEG, 1)[0]
+    assert first.input_ids.shape == (2, SEG) and first.n_segments == 1  # truncation: the first segment only
+    walk = TrainBatches(data, BatchPlan(2, 1, 1), 0, SEG, seed=3)
+    chains = step_batches(walk, split.train, 0, NSEG, 1)[0]
+    whole = TrainBatches(data, BatchPlan(2, 1, 1), 0, SEG, seed=3).next_step([NSEG])[0]
+    assert chains.input_ids.shape == (2 * NSEG, SEG) and chains.n_segments == 1
+    assert (chains.input_ids.reshape(2, -1) == whole.input_ids).all()  # every token, in order, sample by sample
+    assert (chains.labels.reshape(2, -1) == whole.labels).all()
+    later = step_batches(walk, split.train, 2, NSEG, 1)[0]
+    assert later.input_ids.shape == (2, SEG * NSEG)  # from step 2 whole samples again
+
+
+def test_auto_curriculum_grows_through_the_divisors_and_is_written_out() -> None:
+    cfg = load_config(overrides=["data.n_segments=6", "train.max_steps=300"])
+    assert [(s.from_step, s.n_segments) for s in cfg.train.curriculum] == [(0, 1), (75, 2), (150, 3), (225, 6)]
+    assert cfg.train.curriculum_split is True
+    again = load_config(overrides=["data.n_segments=6", "train.max_steps=600",
+                                   *(f"{k}={v}" for k, v in cfg.flat().items() if k.startswith("train.curriculum"))])
+    assert again.train.curriculum == cfg.train.curriculum  # as config.yaml stores it
+    assert load_config(overrides=["data.n_segments=7"]).train.curriculum[-1].n_segments == 7  # a prime: 1 then 7
+    assert load_config(overrides=["data.n_segments=1"]).train.curriculum == []
+    assert load_config(overrides=["data.n_segments=8", "train.max_steps=2"]).train.curriculum == []
+    assert load_config(overrides=["train.random_truncation=0.5"]).train.curriculum_split is False
+
+
+def test_curriculum_split_refuses_what_it_cannot_cut() -> None:
+    with pytest.raises(UserError, match="use a divisor of 6"):
+        load_config(overrides=["data.n_segments=6", "train.curriculum_split=true",
+                               "train.curriculum=[{from_step: 0, n_segments: 4}]"])
+    with pytest.raises(UserError, match="train.random_truncation cuts samples"):
+        load_config(overrides=["train.curriculum_split=true", "train.random_truncation=0.5"])
 
 
 def test_manifest_is_checked_against_the_config() -> None:
