@@ -145,6 +145,18 @@ class RecurrentMemory(MemoryKind):
     worse than no memory in every segment, ``norm`` 11%; with 64-token segments both beat no memory
     (``paper`` by 3%, ``norm`` by 1%). The config's default stays ``paper`` so an export saved
     before the setting existed loads as the model it was.
+
+    How it is trained matters more than the write. Trained on whole samples from the first step, a
+    randomly initialised decoder learns language more slowly when it reads memory (segment 0 is as
+    far behind as the rest; with the read memory frozen at its initial value, i.e. a learned prefix,
+    it is not). memtrain therefore trains with ``train.curriculum: auto`` and
+    ``train.curriculum_split`` by default: 1-segment chains first (the read memory is the initial
+    memory), then 2, 3, ... up to ``n_segments``, every token kept. Same 128-token setting: rmt
+    goes from 12% worse than no memory to 2% better in every segment; at 64-token segments, where
+    whole samples did not hurt, the curriculum costs 3-4%; with a pretrained decoder rmt matches no
+    memory with or without it. What memory itself carries at this scale is small: scoring the
+    trained model with its memory reset at every segment costs 0.1-1% ppl in segments >= 1 after
+    300 steps, 1.1-1.7% after 600.
     """
 
     carries_state = True
