@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from processes import tail
 from train_support import fill, run_train, tmpfs, write_config
 
 from pipeline.checkpoint import find_latest, is_complete, read_state
@@ -38,6 +37,16 @@ def files_of(tag_dir: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(tag_dir.iterdir())}
 
 
+def trained_to_step_4(disk: Path, tiny_data: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(config, log, checkpoints folder) of a 2-rank run on ``disk`` trained to its step-4 checkpoint."""
+    out = disk / "run"
+    config = write_config(tmp_path / "run.yaml", tiny_data, out, None)
+    log = tmp_path / "train.log"
+    code, output = train_until(config, 4, log)
+    assert code == 0, output[-4000:]
+    return config, log, out / "checkpoints"
+
+
 def assert_resumes_from_step_4(config: Path, ckpt_dir: Path, log: Path) -> None:
     code, output = train_until(config, 8, log)
     assert code == 0, output[-4000:]
@@ -49,12 +58,7 @@ def assert_resumes_from_step_4(config: Path, ckpt_dir: Path, log: Path) -> None:
 
 def test_no_room_for_a_checkpoint_is_one_line_before_any_rank_writes(tiny_data: Path, tmp_path: Path) -> None:
     with tmpfs(tmp_path / "disk", "4m") as disk:
-        out = disk / "run"
-        config = write_config(tmp_path / "run.yaml", tiny_data, out, None)
-        log = tmp_path / "train.log"
-        code, output = train_until(config, 4, log)
-        assert code == 0, output[-4000:]
-        ckpt_dir = out / "checkpoints"
+        config, log, ckpt_dir = trained_to_step_4(disk, tiny_data, tmp_path)
         step_4 = ckpt_dir / "step_00000004"
         before = files_of(step_4)
         assert sum(len(data) for data in before.values()) < CHECKPOINT_BYTES
@@ -75,12 +79,7 @@ def test_no_room_for_a_checkpoint_is_one_line_before_any_rank_writes(tiny_data: 
 def test_a_disk_that_fills_during_a_save_is_one_line_and_leaves_nothing_half_written(
         tiny_data: Path, tmp_path: Path) -> None:
     with tmpfs(tmp_path / "disk", "8m", inodes=512) as disk:
-        out = disk / "run"
-        config = write_config(tmp_path / "run.yaml", tiny_data, out, None)
-        log = tmp_path / "train.log"
-        code, output = train_until(config, 4, log)
-        assert code == 0, output[-4000:]
-        ckpt_dir = out / "checkpoints"
+        config, log, ckpt_dir = trained_to_step_4(disk, tiny_data, tmp_path)
         step_4 = ckpt_dir / "step_00000004"
         before = files_of(step_4)
 
