@@ -75,7 +75,8 @@ def worker(kind: str, config: str, steps: int, warmup: int, out: Path) -> None:
     from pipeline.data import TrainBatches, open_train_split, segments_for_step
     from pipeline.ds_config import batch_plan
     from pipeline.optim import lr_at, make_optimizer
-    from pipeline.train import build_partitioned_model, preflight
+    from pipeline.engine import build_partitioned_model
+    from pipeline.train import preflight
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     cfg = load_config(config)

@@ -27,9 +27,12 @@ from typing import Any, Iterator
 from tokenizers import Tokenizer
 
 from data_prep.atomic import write_bytes, write_text
-from pipeline import allocator, checkpoint, launch, universal
+from pipeline import allocator, checkpoint, launch
 from pipeline.config import ExperimentConfig, config_from_args, load_config
-from pipeline.ds_config import batch_plan, json_precision, offloads_optimizer, resolve_ds_config, zero_stage
+from pipeline.ds_config import batch_plan, json_precision, resolve_ds_config, zero_stage
+from pipeline.engine import (
+    ResumePoint, build_partitioned_model, leave_process_group, load_point, load_shards, local_weights_finite,
+    start_engine)
 from pipeline.errors import UserError
 from pipeline.evaluate import evaluate_model
 from pipeline.flops import Throughput
@@ -146,57 +149,10 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
 
-def import_model_classes(arch: str) -> None:
-    """Import the base model's modeling code (and torch._dynamo, which it pulls in lazily) before
-    ``zero.Init`` patches tensor construction: imported inside it, they crash."""
-    import torch._dynamo  # noqa: F401
-    from transformers import AutoModelForCausalLM  # lazy: imported here on purpose, before zero.Init (above)
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    AutoModelForCausalLM._model_mapping[CONFIG_MAPPING[arch]]
-
-
-def build_partitioned_model(cfg: ExperimentConfig, checks: Preflight, ds_config: dict[str, Any]) -> tuple[Any, Any]:
-    """(model, HfDeepSpeedConfig): the model built under ``zero.Init`` (ZeRO-3) from ``train.seed``,
-    so every world size starts from the same weights. Keep the second item alive with the model."""
-    import deepspeed  # lazy: the zero.Init site; torch, DeepSpeed, transformers cost seconds
-    import torch
-    from transformers.integrations import HfDeepSpeedConfig
-
-    import_model_classes(cfg.model.arch)
-    if cfg.model.lora is not None:
-        import peft  # noqa: F401  (like the modeling code: never imported first inside zero.Init)
-    from pipeline.models import build_model
-
-    hf_ds_config = HfDeepSpeedConfig(ds_config)
-    torch.manual_seed(cfg.train.seed)
-    manifest = checks.manifest
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
-        model = build_model(cfg, vocab_size=checks.vocab_size, bos_token_id=manifest["bos_token_id"],
-                            eos_token_id=manifest["eos_token_id"], pad_token_id=manifest["pad_token_id"])
-    return model, hf_ds_config
-
-
-@dataclass
-class ResumePoint:
-    tag_dir: Path  # the complete checkpoint resumed from
-    load_dir: Path  # what load_checkpoint reads: the checkpoints dir, or its universal/ conversion
-    universal: bool
-
-
 def resume_point(ckpt_dir: Path, world_size: int, is_main: bool) -> ResumePoint | None:
-    """The latest complete checkpoint; saved at another world size, rank 0 converts it to DeepSpeed's
-    universal format first while the other ranks wait on the folder, not in a collective that would time
-    out on a large model (pipeline/universal.py; collective)."""
-    import deepspeed.comm as dist  # lazy: seconds of import, off the CLI dispatch path
-
+    """The latest complete checkpoint, ready to load on ``world_size`` ranks (collective; see ``engine.load_point``)."""
     tag_dir = checkpoint.find_latest(ckpt_dir)
-    if tag_dir is None:
-        return None
-    if checkpoint.CheckpointState.read(tag_dir).world_size == world_size:
-        return ResumePoint(tag_dir, ckpt_dir, universal=False)
-    target = universal.convert_or_wait(tag_dir, is_main, dist.barrier)
-    return ResumePoint(tag_dir, target.parent, universal=True)
+    return None if tag_dir is None else load_point(tag_dir, world_size, is_main)
 
 
 def train(cfg: ExperimentConfig) -> int:
@@ -223,17 +179,6 @@ def train(cfg: ExperimentConfig) -> int:
         return code
     finally:
         flag.restore()
-
-
-def leave_process_group() -> None:
-    """Every rank leaves together and tears its process group down before the interpreter exits: a
-    rank that exits with gloo's threads alive while a peer still talks to it can abort in C++
-    ("terminate called without an active exception", exit -6) after a run that finished well."""
-    import torch.distributed as dist  # lazy: seconds of import, off the CLI dispatch path
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 @contextmanager
@@ -267,11 +212,9 @@ class Trainer:
     """One rank's training run: set-up and resume in ``__init__``, then ``run``."""
 
     def __init__(self, cfg: ExperimentConfig, dist_env: launch.DistEnv, checks: Preflight) -> None:
-        import deepspeed  # lazy: seconds of import, off the CLI dispatch path
-        import deepspeed.comm as dist
+        import deepspeed.comm as dist  # lazy: seconds of import, off the CLI dispatch path
 
         from pipeline.data import make_train_batches, open_train_split
-        from pipeline.optim import make_optimizer
 
         started = time.perf_counter()
         self.cfg, self.env, self.dist = cfg, dist_env, dist
@@ -279,10 +222,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir.checkpoints
         self.plan = batch_plan(cfg.train, dist_env.world_size)
         self.resume = resume_point(self.ckpt_dir, dist_env.world_size, dist_env.is_main)
-        self.ds_config = checks.ds_config
-        if self.resume is not None and self.resume.universal:
-            self.ds_config = {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}),
-                                                               "load_universal": True}}
+        self.ds_config = checks.ds_config if self.resume is None else self.resume.ds_config(checks.ds_config)
         if dist_env.is_main:
             self._write_run_files()
         dist.barrier()
@@ -290,8 +230,7 @@ class Trainer:
         model, self._hf_ds_config = build_partitioned_model(cfg, checks, self.ds_config)
         if dist_env.is_main:  # eval and export rebuild this model from it, without model.pretrained's folder
             write_text(self.run_dir.model_config, model.config.to_json_string(use_diff=False))
-        optimizer = make_optimizer(model, cfg.train, offload=offloads_optimizer(self.ds_config))
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.engine = start_engine(model, cfg, self.ds_config)
 
         self.step, self.tokens_seen, run_id, position = 0, 0, None, None
         resume_note = ""
@@ -301,7 +240,7 @@ class Trainer:
             if state.global_batch != self.plan.global_batch:
                 resume_note = (f"; the checkpoint's global batch was {state.global_batch} on {state.world_size} "
                                f"rank(s), now {self.plan.global_batch}: set train.global_batch_size to keep it")
-            rng_states = self._load_checkpoint(self.resume)["rng"]
+            rng_states = load_shards(self.engine, self.resume)["rng"]
             self.step, self.tokens_seen, run_id = state.step, state.tokens_seen, state.mlflow_run_id
             position = state.data_position
         self.batches = make_train_batches(open_train_split(cfg.data.output_dir), self.plan, dist_env.rank,
@@ -320,23 +259,6 @@ class Trainer:
                            f"global batch {self.plan.global_batch} = {self.plan.micro} x {self.plan.accum} x "
                            f"{self.plan.world}, ZeRO stage {zero_stage(self.ds_config)}, {json_precision(self.ds_config)}, "
                            f"step {self.step}{resumed}; {peak_note}")
-
-    def _load_checkpoint(self, resume: ResumePoint) -> dict[str, Any]:
-        """Weights, optimizer state and our client state. DeepSpeed 0.19.8's universal ZeRO-3 load
-        (a) copies the first param group's hyperparameters into every group, so the no-decay group
-        would decay: put this run's back; (b) gives every group's state the same ``step`` tensor,
-        which AdamW increments in place once per group: give each its own."""
-        groups = self.engine.optimizer.param_groups
-        hyper = [{key: value for key, value in group.items() if key != "params"} for group in groups]
-        _, client = self.engine.load_checkpoint(str(resume.load_dir), tag=resume.tag_dir.name,
-                                                load_lr_scheduler_states=False)
-        if resume.universal:
-            for group, values in zip(self.engine.optimizer.param_groups, hyper, strict=True):
-                group.update(values)
-            for state in self.engine.optimizer.optimizer.state.values():
-                if "step" in state:
-                    state["step"] = state["step"].clone()
-        return client
 
     def _write_run_files(self) -> None:
         """config.yaml, ds_config.json, the tokenizer and the data manifest: the run dir is self-contained."""
@@ -491,16 +413,3 @@ class Trainer:
             data_position=self.batches.position.as_dict(), mlflow_run_id=self.tracker.run_id, reason=reason)
         tag_dir = checkpoint.save(self.engine, self.ckpt_dir, state, self.cfg.train.keep_last)
         self.progress.info(f"saved {tag_dir} ({reason})")
-
-
-def local_weights_finite(engine: Any) -> bool:
-    """Whether this rank's share of the weights is finite: its ZeRO-3 partition (``ds_tensor``), or
-    the whole parameter at lower stages. Cheap next to a step: one pass over this rank's numbers."""
-    import torch  # lazy: seconds of import, off the CLI dispatch path
-
-    for param in engine.module.parameters():
-        held = getattr(param, "ds_tensor", None)
-        held = param.data if held is None else held
-        if held.numel() and not bool(torch.isfinite(held).all()):
-            return False
-    return True

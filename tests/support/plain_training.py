@@ -68,7 +68,7 @@ def train_and_evaluate(config: str, overrides: list[str]) -> dict[str, Any]:
 def zero3_initial_weights(cfg: ExperimentConfig, checks: Any) -> dict[str, torch.Tensor]:
     import deepspeed
 
-    from pipeline.train import build_partitioned_model
+    from pipeline.engine import build_partitioned_model
 
     deepspeed.init_distributed()
     model, keep_alive = build_partitioned_model(cfg, checks, checks.ds_config)

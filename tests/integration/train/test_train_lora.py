@@ -47,7 +47,8 @@ import json, sys
 import deepspeed
 from pipeline import launch
 from pipeline.config import load_config
-from pipeline.train import build_partitioned_model, preflight
+from pipeline.engine import build_partitioned_model
+from pipeline.train import preflight
 cfg = load_config(sys.argv[1])
 launch.setup()
 checks = preflight(cfg, world_size=1)
