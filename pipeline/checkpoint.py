@@ -333,21 +333,48 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 def load_consolidated(path: str | Path) -> tuple[dict[str, Any], Any, Path]:
     """(full fp32 state dict, the run's ExperimentConfig, tag dir) for eval and export."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # lazy: DeepSpeed (seconds)
-
     tag_dir = resolve_tag_dir(path)
+    cfg = run_config(tag_dir)
+    return consolidated_state_dict(tag_dir), cfg, tag_dir
+
+
+def run_config(tag_dir: Path) -> ExperimentConfig:
+    """The config.yaml of the run that saved ``tag_dir``."""
     config_path = RunDir.of_tag_dir(tag_dir).config
     if not config_path.is_file():
         raise UserError(f"{config_path} is missing: {tag_dir} is not inside a memtrain train.output_dir")
     if not config_path.read_text().strip():
         raise UserError(f"{config_path} is empty: the run's config is lost, and defaults would build another model")
-    cfg = load_config(config_path)
+    return load_config(config_path)
+
+
+def consolidated_state_dict(tag_dir: Path) -> dict[str, Any]:
+    """Every rank's shards of ``tag_dir`` merged into one full fp32 state dict (DeepSpeed's own reader)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # lazy: DeepSpeed (seconds)
+
     try:
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     except (OSError, RuntimeError, ValueError, EOFError) as err:  # a rank's shard missing or cut short
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"cannot read the checkpoint {tag_dir} (damaged or half-written): {reason}") from None
-    return state_dict, cfg, tag_dir
+
+
+class CheckpointInfo(NamedTuple):
+    """A checkpoint and what describes it, without its weights: what every rank of a ZeRO-3 eval reads."""
+
+    cfg: "ExperimentConfig"
+    run_dir: Path  # its train.output_dir
+    tag_dir: Path
+    state: dict[str, Any]  # memtrain_state.json
+    manifest: dict[str, Any]  # of the data it was trained on
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
 
 
 class TrainedModel(NamedTuple):
@@ -383,16 +410,25 @@ def build_from_state_dict(cfg: "ExperimentConfig", manifest: dict[str, Any], sta
     return model.eval()
 
 
-def load_trained_model(path: str | Path) -> TrainedModel:
-    """``train.output_dir`` (its latest checkpoint) or one tag dir -> the model eval and export work on."""
-    state_dict, cfg, tag_dir = load_consolidated(path)
+def read_checkpoint(path: str | Path) -> CheckpointInfo:
+    """``train.output_dir`` (its latest checkpoint) or one tag dir -> its config, state and data manifest,
+    checked against each other; the weights stay on disk."""
+    tag_dir = resolve_tag_dir(path)
+    cfg = run_config(tag_dir)
     run = RunDir.of_tag_dir(tag_dir)
     state = read_state(tag_dir)
     manifest = read_json(run.data_manifest, "data manifest")
     check_run_facts(cfg, manifest, state, run)
-    check_finite(state_dict, tag_dir)
-    model = build_from_state_dict(cfg, manifest, state_dict, run.model_config)
-    return TrainedModel(model, cfg, run.root, tag_dir, state, manifest)
+    return CheckpointInfo(cfg, run.root, tag_dir, state, manifest)
+
+
+def load_trained_model(path: str | Path) -> TrainedModel:
+    """``train.output_dir`` (its latest checkpoint) or one tag dir -> the model eval and export work on."""
+    info = read_checkpoint(path)
+    state_dict = consolidated_state_dict(info.tag_dir)
+    check_finite(state_dict, info.tag_dir)
+    model = build_from_state_dict(info.cfg, info.manifest, state_dict, RunDir.of(info.run_dir).model_config)
+    return TrainedModel(model, *info)
 
 
 def check_run_facts(cfg: "ExperimentConfig", manifest: dict[str, Any], state: dict[str, Any], run: RunDir) -> None:

@@ -221,7 +221,7 @@ def run_local_ranks(nproc: int, argv: Sequence[str], on_cpu: bool) -> int:
             return EXIT_PREEMPTED
         if UserError.exit_code in codes and codes <= {UserError.exit_code, -signal.SIGTERM, -signal.SIGKILL}:
             return UserError.exit_code  # a user error, which the ranks already printed (the others torchrun ended)
-        print(f"memtrain train: rank(s) failed with exit code(s) {sorted(codes)}; see the output above",
+        print(f"memtrain {argv[0]}: rank(s) failed with exit code(s) {sorted(codes)}; see the output above",
               file=sys.stderr)
         return 1
     finally:
