@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", default=None, metavar="OUT", help="also write the table as JSON")
     evaluate.add_argument("--task", choices=["ppl", "babilong"], default="ppl",
                           help="ppl: per-segment perplexity; babilong: QA accuracy against context length")
+    evaluate.add_argument("--nproc", type=int, default=1,
+                          help="evaluate on N local ZeRO-3 ranks (torchrun), built and loaded as training's are")
     add_config_arguments(evaluate, required=False)
 
     export = commands.add_parser("export", help="checkpoint -> Hugging Face folder (and Hub)")

@@ -19,17 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
-from dataclasses import replace
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.checkpoint import load_trained_model
+from pipeline import launch
+from pipeline.checkpoint import CheckpointInfo, load_trained_model, read_checkpoint, universal_tag_dir
 from pipeline.config import ExperimentConfig, apply_overrides, build_config, load_config
-from pipeline.ds_config import json_precision
+from pipeline.ds_config import at_world_size, json_precision
+from pipeline.engine import (all_weights_finite, build_partitioned_model, leave_process_group, load_point, load_shards,
+                             start_engine)
 from pipeline.errors import UserError
 from pipeline.eval_result import EvalResult, NllRow, perplexity  # noqa: F401  (perplexity: part of this module's API)
-from pipeline.launch import has_gpu
 from pipeline.report import save_eval
 from pipeline.run_dir import RunDir, tag_for
 from pipeline.tracking import checkpoint_eval_metrics, log_to_checkpoint_run
@@ -147,22 +151,65 @@ def eval_config(checkpoint_cfg: ExperimentConfig, config_file: str | None, overr
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """``memtrain eval --checkpoint DIR [--json OUT]``: print the per-segment table, save it beside the run."""
+    """``memtrain eval --checkpoint DIR [--json OUT] [--nproc N]``: print the per-segment table, save it
+    beside the run. One process by default; ``--nproc N`` (or a launcher: torchrun, srun) evaluates on
+    ZeRO-3 ranks built and loaded the way training builds and resumes them (``pipeline.engine``)."""
+    nproc, task = getattr(args, "nproc", 1), getattr(args, "task", "ppl")  # callers in Python may omit them
+    if nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {nproc}")
+    _require_eval_keys(args.overrides)  # before the (slow) checkpoint loads
+    on_ranks = nproc > 1 or launch.under_launcher()
+    if on_ranks and task == "babilong":
+        raise UserError("--task babilong runs in one process (drop --nproc, start it without torchrun/srun): "
+                        "its greedy generation stops at another step on each rank, which ZeRO-3's collective "
+                        "forwards cannot follow")
+    if nproc > 1:
+        if launch.under_launcher():
+            raise UserError("--nproc starts local ranks itself; under torchrun/srun each command is already one rank")
+        return _start_ranks(args, nproc)
+    if on_ranks:
+        return _eval_on_this_rank(args)
+    if task == "babilong":
+        from pipeline.babilong_eval import run_babilong_eval  # lazy: --task babilong only
+
+        run = load_trained_model(args.checkpoint)
+        return run_babilong_eval(args, run, eval_config(run.cfg, args.config, args.overrides))
+    inputs = eval_inputs(args, read_checkpoint(args.checkpoint))
+    result = _checked(evaluate_model(_consolidated(inputs.run), inputs.dataset, inputs.cfg), inputs, every_rank=False)
+    if inputs.baseline is not None:
+        base = evaluate_model(_consolidated(inputs.baseline), inputs.dataset, inputs.baseline_cfg, len(result.segments))
+        result = replace(result, baseline=base)
+    report(args, inputs, result)
+    return 0
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """Everything ``memtrain eval`` scores, checked, before any weights are read."""
+
+    run: CheckpointInfo
+    cfg: ExperimentConfig  # the run's config with the eval section of this command
+    baseline: CheckpointInfo | None  # eval.baseline's checkpoint
+    dataset: "datasets.Dataset"  # the eval.split of data.output_dir
+
+    @property
+    def baseline_cfg(self) -> ExperimentConfig:
+        """The baseline's own model under this command's eval section (same samples, same protocol)."""
+        assert self.baseline is not None
+        return self.baseline.cfg.model_copy(update={"eval": self.cfg.eval})
+
+
+def eval_inputs(args: argparse.Namespace, run: CheckpointInfo) -> EvalInputs:
+    """The eval config, the baseline and the split, each checked against the checkpoint (UserError on the first problem)."""
     from data_prep.manifest import read_manifest  # lazy: pyarrow (via data_prep's readers), off the CLI dispatch path
     from data_prep.shards import open_split
     from data_prep.verify import verify_splits
 
-    _require_eval_keys(args.overrides)  # before the (slow) checkpoint loads
-    run = load_trained_model(args.checkpoint)
     cfg = eval_config(run.cfg, args.config, args.overrides)
-    if getattr(args, "task", "ppl") == "babilong":
-        from pipeline.babilong_eval import run_babilong_eval  # lazy: --task babilong only
-
-        return run_babilong_eval(args, run, cfg)
     if cfg.eval.baseline and not Path(cfg.eval.baseline).exists():
         raise UserError(f"eval.baseline {cfg.eval.baseline} does not exist (from the run's config or --set); "
                         "point it at the baseline's train.output_dir, or skip it with --set eval.baseline=null")
-    baseline = load_trained_model(cfg.eval.baseline) if cfg.eval.baseline else None
+    baseline = read_checkpoint(cfg.eval.baseline) if cfg.eval.baseline else None
     if not Path(cfg.data.output_dir, "manifest.json").is_file():
         raise UserError(f"the run's data.output_dir {cfg.data.output_dir} holds no shards seen from {Path.cwd()}; "
                         "pass --set data.output_dir=DIR (the folder memtrain prep wrote)")
@@ -173,18 +220,25 @@ def run_eval(args: argparse.Namespace) -> int:
     for what, other in others.items():
         if not _same_tokens(other, run.manifest):
             raise UserError(f"{what} has another tokenizer or segment length than the checkpoint {args.checkpoint}")
-
     verify_splits(cfg.data.output_dir, data_manifest, [cfg.eval.split], run.manifest["vocab_size"])
-    dataset = open_split(cfg.data.output_dir, cfg.eval.split)
-    result = evaluate_model(place_like_training(run.model, run.run_dir), dataset, cfg)
-    if not math.isfinite(result.ppl):
-        raise UserError(f"{run.tag_dir} gives perplexity {result.ppl} on the {cfg.eval.split} split: the model "
-                        "is unusable (diverged); evaluate an earlier checkpoint")
-    if baseline:
-        base_cfg = baseline.cfg.model_copy(update={"eval": cfg.eval})
-        base_model = place_like_training(baseline.model, baseline.run_dir)
-        result = replace(result, baseline=evaluate_model(base_model, dataset, base_cfg, len(result.segments)))
+    return EvalInputs(run, cfg, baseline, open_split(cfg.data.output_dir, cfg.eval.split))
 
+
+def _consolidated(checkpoint: CheckpointInfo) -> "torch.nn.Module":
+    """One process: the checkpoint's full model, consolidated, where and in the precision it trained."""
+    return place_like_training(load_trained_model(checkpoint.tag_dir).model, checkpoint.run_dir)
+
+
+def _checked(result: EvalResult, inputs: EvalInputs, every_rank: bool) -> EvalResult:
+    if not math.isfinite(result.ppl):
+        raise UserError(f"{inputs.run.tag_dir} gives perplexity {result.ppl} on the {inputs.cfg.eval.split} split: "
+                        "the model is unusable (diverged); evaluate an earlier checkpoint", every_rank=every_rank)
+    return result
+
+
+def report(args: argparse.Namespace, inputs: EvalInputs, result: EvalResult) -> None:
+    """The table on stdout, ``--json``, the files beside the run and the MLflow record (one process: rank 0)."""
+    run, cfg = inputs.run, inputs.cfg
     print(f"{run.run_dir} step {run.step}: {result.n_samples} {cfg.eval.split} samples, "
           f"{len(result.segments)} segments of {result.segment_len} tokens, ppl {result.ppl:.3f}")
     print(result.format_table())
@@ -196,7 +250,88 @@ def run_eval(args: argparse.Namespace) -> int:
     if saved:
         print("wrote " + ", ".join(str(p) for p in saved))
     log_checkpoint_eval(run, cfg, result, saved)
+
+
+# --- memtrain eval across ranks -----------------------------------------------------------------
+
+
+def _start_ranks(args: argparse.Namespace, nproc: int) -> int:
+    """``--nproc N``: every check here first (one line, before any rank starts), then N local ranks
+    (torchrun), each given the resolved checkpoint folder so that all score the same one."""
+    inputs = eval_inputs(args, read_checkpoint(args.checkpoint))
+    for checkpoint in filter(None, (inputs.run, inputs.baseline)):
+        check_loadable_on(checkpoint, nproc)
+    rank_argv = ["eval", "--checkpoint", str(inputs.run.tag_dir), *(["--json", args.json] if args.json else []),
+                 *(["--config", args.config] if args.config else []),
+                 *(["--set", *args.overrides] if args.overrides else [])]
+    return launch.run_local_ranks(nproc, rank_argv, on_cpu=not launch.has_gpu())
+
+
+def check_loadable_on(checkpoint: CheckpointInfo, world_size: int) -> None:
+    """A checkpoint saved on another world size loads through DeepSpeed's universal conversion, which
+    rank 0 writes into its checkpoints folder: refuse early where it cannot."""
+    saved_on = int(checkpoint.state["world_size"])
+    folder = checkpoint.tag_dir.parent
+    if not RunDir.of(checkpoint.run_dir).ds_config.is_file():
+        raise UserError(f"{checkpoint.run_dir} has no ds_config.json to build its ZeRO-3 ranks from; "
+                        "evaluate it in one process (without --nproc or a launcher)")
+    if saved_on != world_size and not universal_tag_dir(checkpoint.tag_dir).is_dir() and not os.access(folder, os.W_OK):
+        raise UserError(f"{checkpoint.tag_dir} was saved on {saved_on} rank(s); on {world_size} it needs DeepSpeed's "
+                        f"universal conversion, written into {folder}, which is not writable: use --nproc "
+                        f"{saved_on}, or evaluate a copy of the run")
+
+
+def _eval_on_this_rank(args: argparse.Namespace) -> int:
+    """One rank of a ZeRO-3 eval (under ``--nproc``, torchrun or srun): every rank checks, builds and
+    scores its share; the sums are all-reduced, and rank 0 alone reports (after the ranks have left
+    the process group, so that nothing it writes can leave a peer waiting)."""
+    warnings.filterwarnings("ignore", category=FutureWarning)  # thousands about all_gather_into_tensor
+    dist_env = launch.setup()
+    try:
+        inputs = eval_inputs(args, read_checkpoint(args.checkpoint))
+        for checkpoint in filter(None, (inputs.run, inputs.baseline)):
+            check_loadable_on(checkpoint, dist_env.world_size)
+    except UserError as err:  # every rank checked the same files and failed alike: rank 0 says it
+        raise UserError(str(err), every_rank=True) from None
+    import deepspeed  # lazy: seconds of import, off the CLI dispatch path
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel("WARNING")
+    deepspeed.init_distributed()
+    try:
+        result = _checked(_evaluate_sharded(inputs.run, inputs.cfg, inputs.dataset, dist_env), inputs, every_rank=True)
+        if inputs.baseline is not None:
+            base = _evaluate_sharded(inputs.baseline, inputs.baseline_cfg, inputs.dataset, dist_env,
+                                     len(result.segments))
+            result = replace(result, baseline=base)
+    except UserError as err:
+        if err.every_rank:  # all ranks stop here together: leave together (a lone failure is the launcher's to end)
+            leave_process_group()
+        raise
+    leave_process_group()
+    if dist_env.is_main:
+        report(args, inputs, result)
     return 0
+
+
+def _evaluate_sharded(checkpoint: CheckpointInfo, cfg: ExperimentConfig, dataset: "datasets.Dataset",
+                      dist_env: launch.DistEnv, n_segments: int | None = None) -> EvalResult:
+    """``evaluate_model`` on this rank's ZeRO-3 engine of ``checkpoint`` (collective)."""
+    from pipeline.models.build import saved_model_config  # lazy: transformers (seconds)
+
+    run_dir = RunDir.of(checkpoint.run_dir)
+    ds_config = at_world_size(json.loads(run_dir.ds_config.read_text()), dist_env.world_size)
+    point = load_point(checkpoint.tag_dir, dist_env.world_size, dist_env.is_main)
+    ds_config = point.ds_config(ds_config)
+    # _hf_ds_config: transformers' ZeRO-3 switch, alive (a local) while the engine is built and used
+    model, _hf_ds_config = build_partitioned_model(checkpoint.cfg, checkpoint, ds_config,
+                                                   saved_model_config(run_dir.model_config))
+    engine = start_engine(model, checkpoint.cfg, ds_config)
+    load_shards(engine, point)
+    if not all_weights_finite(engine):
+        raise UserError(f"checkpoint {checkpoint.tag_dir} holds non-finite weights: the training diverged; use an "
+                        "earlier checkpoint (checkpoints/step_XXXXXXXX)", every_rank=True)
+    return evaluate_model(engine, dataset, cfg, n_segments)
 
 
 def log_checkpoint_eval(run: Any, cfg: ExperimentConfig, result: EvalResult, files: list[Path]) -> None:
@@ -220,7 +355,7 @@ def place_like_training(model: "torch.nn.Module", run_dir: Path) -> "torch.nn.Mo
     ds_file = run_dir / "ds_config.json"
     precision = json_precision(json.loads(ds_file.read_text())) if ds_file.is_file() else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    return model.to(device="cuda" if has_gpu() else "cpu", dtype=dtype)
+    return model.to(device="cuda" if launch.has_gpu() else "cpu", dtype=dtype)
 
 
 def _require_eval_keys(overrides: list[str]) -> None:

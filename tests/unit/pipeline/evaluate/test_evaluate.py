@@ -111,6 +111,15 @@ def test_eval_changes_only_eval_keys(tmp_path) -> None:
                                     overrides=["eval.max_samples=2", "data.segment_len=4"]))
 
 
+def test_nproc_is_checked_and_babilong_stays_in_one_process(tmp_path) -> None:
+    """Both said before any checkpoint is looked at (the checkpoint here does not exist)."""
+    args = dict(checkpoint=str(tmp_path / "none"), json=None, config=None, overrides=[])
+    with pytest.raises(UserError, match="--nproc must be >= 1, got 0"):
+        run_eval(argparse.Namespace(**args, nproc=0, task="ppl"))
+    with pytest.raises(UserError, match="--task babilong runs in one process"):
+        run_eval(argparse.Namespace(**args, nproc=2, task="babilong"))
+
+
 def test_history_does_not_matter_to_a_model_without_memory() -> None:
     cfg = eval_config("memory.kind=none", "eval.history_target=true")
     result = evaluate_model(tiny_model(cfg), as_dataset(split_rows()), cfg)
