@@ -29,6 +29,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -308,10 +309,10 @@ def connect(uri: str | None, timeout_s: float) -> tuple["MlflowClient", str]:
                 client = MlflowClient(tracking_uri=resolved)
         return client, client.tracking_uri
     except Exception as err:  # noqa: BLE001 - a bad store URI is the user's to fix
-        hint = ""
-        if db is not None and "_alembic_tmp" in str(err):
-            hint = (f"; the store {db} was left half-created by an interrupted first use: remove it if it holds "
-                    f"no runs, or repair it with `mlflow db upgrade {resolved}`")
+        leftover = re.search(r"\b_alembic_tmp_\w+", str(err)) if db is not None else None
+        hint = "" if leftover is None else (
+            f"; the store {db} was left half-migrated by an interrupted first use: delete it if it holds no runs, "
+            f"else back it up, drop its leftover table {leftover[0]} and run `mlflow db upgrade {resolved}`")
         raise UserError(_scrub(f"MLflow tracking URI {uri or resolved!r}: {_first_line(err)}{hint}", resolved)) from None
 
 

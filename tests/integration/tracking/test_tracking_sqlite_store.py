@@ -5,6 +5,7 @@ Real processes, a real store; the artifacts land beside it, not in the working d
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -12,6 +13,9 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+
+from pipeline.errors import UserError
+from pipeline.tracking import connect
 
 pytestmark = pytest.mark.slow  # two interpreters importing mlflow: ~40 s on 2 loaded cores
 
@@ -51,3 +55,25 @@ def test_two_first_users_of_a_new_sqlite_store(tmp_path: Path) -> None:
         assert client.get_run(run_id).info.artifact_uri.startswith((store / "mlruns").as_uri())
         assert "note.txt" in [a.path for a in client.list_artifacts(run_id)]
     assert not (work / "mlruns").exists()  # nothing in the working directory
+
+
+def test_a_half_migrated_store_gets_a_hint_that_repairs_it(tmp_path: Path) -> None:
+    """An interrupted first migration leaves alembic's temporary table behind; the next user gets one
+    line naming it, and doing what the line says gives a working store."""
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as conn:  # what a killed batch migration leaves: its copy of the tags table
+        conn.execute("CREATE TABLE _alembic_tmp_tags (key VARCHAR(250), value VARCHAR(5000), run_uuid VARCHAR(32))")
+    uri = f"sqlite:///{db}"
+    with pytest.raises(UserError) as refused:
+        connect(uri, timeout_s=5)
+    message = str(refused.value)
+    assert "\n" not in message and "half-migrated" in message
+    assert "drop its leftover table _alembic_tmp_tags" in message and f"mlflow db upgrade {uri}" in message
+
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TABLE _alembic_tmp_tags")
+    subprocess.run([str(Path(sys.executable).with_name("mlflow")), "db", "upgrade", uri], check=True,
+                   capture_output=True)
+    client, _ = connect(uri, timeout_s=5)
+    experiment = client.create_experiment("repaired")
+    assert client.get_run(client.create_run(experiment).info.run_id).info.status == "RUNNING"
