@@ -92,6 +92,24 @@ class MemoryKind(nn.Module):
     def forward(self, backbone: nn.Module, state: State | None, segment: torch.Tensor, write: bool):
         raise NotImplementedError
 
+    def run(self, backbone: nn.Module, embeds: torch.Tensor, state: State | None = None,
+            keep: int = 0) -> tuple[torch.Tensor, State | None]:
+        """Final hidden states [B, T, d] of every position of ``embeds`` read after ``state`` (inference: no
+        loss, no truncation), and the state that step ``keep`` reads (``state`` itself for 0)."""
+        spans = _spans(embeds.shape[1], self.step_len(embeds.shape[1]))
+        hidden, kept = [], state
+        for k, (start, end) in enumerate(spans):
+            if k == keep:
+                kept = state
+            out, state = self(backbone, state, embeds[:, start:end], k < len(spans) - 1)
+            hidden.append(out)
+        return torch.cat(hidden, dim=1), kept
+
+    def one_pass(self, backbone: nn.Module, total: int) -> bool:
+        """Whether the loss over ``total`` tokens comes from one ``run`` (then split per segment) instead of
+        a checkpointable step per segment."""
+        return self.whole_sample
+
 
 class NoMemory(MemoryKind):
     """``none``: each segment alone at positions 0..len-1; no state (the baseline)."""
@@ -221,6 +239,11 @@ def dpfp(x: torch.Tensor, nu: int) -> torch.Tensor:
     return x.repeat(*([1] * (x.dim() - 1)), nu) * rolled
 
 
+def layer_hidden(out: torch.Tensor | tuple) -> torch.Tensor:
+    """The hidden states a decoder layer returns (alone, or first of a tuple in older transformers)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 class AssociativeState:
     """ARMT's per-layer memories for one segment step, handed to every ``AssociativeLayer`` through the
     backbone's layer kwargs (as a KV cache is): layer i reads ``inputs[i]`` = (A [B, d_key, d],
@@ -274,8 +297,8 @@ class AssociativeLayer(nn.Module):
         read, _ = self._lookup(self._features(hidden_states, self.read_query), matrix, norm)
         out = self.layer(hidden_states + read.to(hidden_states.dtype), *args, **kwargs)
         if armt_memory.num_write:
-            hidden = out[0] if isinstance(out, tuple) else out
-            armt_memory.outputs[self.layer_idx] = self._write(hidden[:, -armt_memory.num_write:], matrix, norm)
+            armt_memory.outputs[self.layer_idx] = self._write(layer_hidden(out)[:, -armt_memory.num_write:],
+                                                              matrix, norm)
         return out
 
     def _write(self, tokens: torch.Tensor, matrix: torch.Tensor, norm: torch.Tensor) -> State:
@@ -478,9 +501,9 @@ def run_segments(memory: MemoryKind, backbone: nn.Module, loss: SegmentLoss, emb
 
 def run_whole(memory: MemoryKind, backbone: nn.Module, loss: SegmentLoss, embeds: torch.Tensor,
               targets: torch.Tensor, segment_len: int) -> SegmentStats:
-    """Loss statistics of one pass over the whole input, still reported per segment (there is no segment
-    step to recompute; an unfused head is checkpointed per segment)."""
-    hidden = run_hidden(memory, backbone, embeds)
+    """Loss statistics of one ``run`` over the whole input (full attention), still reported per segment
+    (there is no segment step to recompute; an unfused head is checkpointed per segment)."""
+    hidden, _ = memory.run(backbone, embeds)
     for start, end in _spans(embeds.shape[1], segment_len):
         loss.add(hidden[:, start:end], targets[:, start:end])
     return loss.stats()
@@ -490,16 +513,6 @@ def _to_target_frame(position_nll: list[torch.Tensor]) -> torch.Tensor:
     """Per-position NLLs (position t predicts target t + 1) -> column t holds the NLL of target t."""
     nll = torch.cat(position_nll, dim=1)
     return torch.cat([torch.zeros_like(nll[:, :1]), nll[:, :-1]], dim=1)
-
-
-def run_hidden(memory: MemoryKind, backbone: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
-    """Final hidden states [B, T, d] of every position (inference: no loss, no truncation)."""
-    spans = _spans(embeds.shape[1], memory.step_len(embeds.shape[1]))
-    state, hidden = None, []
-    for k, (start, end) in enumerate(spans):
-        out, state = memory(backbone, state, embeds[:, start:end], k < len(spans) - 1)
-        hidden.append(out)
-    return torch.cat(hidden, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,7 +671,7 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
                 and not self.memory.whole_sample:
             out = self._next_token_logits(input_ids, packing, past_key_values)
         elif labels is None:
-            hidden = run_hidden(self.memory, backbone, embeds)
+            hidden, _ = self.memory.run(backbone, embeds)
             hidden = packing.unpack(hidden) if packing is not None else hidden
             out = MemoryModelOutput(logits=head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
         else:
@@ -674,7 +687,7 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
         cfg, backbone, head = self.config, self.decoder.base_model, self.get_output_embeddings()
         checkpointing = cfg.segment_checkpointing and torch.is_grad_enabled()
         loss = SegmentLoss(head, cfg.fused_head, checkpointing, per_token)
-        if self.memory.whole_sample:
+        if self.memory.one_pass(backbone, embeds.shape[1]):
             stats = run_whole(self.memory, backbone, loss, embeds, targets, cfg.segment_len)
         else:
             stats = run_segments(self.memory, backbone, loss, embeds, targets, cfg.bptt_depth, checkpointing)
@@ -693,15 +706,7 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
         start, state = (cache.ids.shape[1] // segment_len, cache.state) if cache is not None and cache.resumes(ids) \
             else (0, None)
         embeds = self.get_input_embeddings()(ids[:, start * segment_len:])
-        spans = _spans(total, segment_len)
-        hidden, kept = [], state
-        for k in range(start, len(spans)):
-            if k == keep:
-                kept = state
-            a, b = (i - start * segment_len for i in spans[k])
-            out, state = self.memory(self.decoder.base_model, state, embeds[:, a:b], k < len(spans) - 1)
-            hidden.append(out)
-        hidden = torch.cat(hidden, dim=1)
+        hidden, kept = self.memory.run(self.decoder.base_model, embeds, state, keep - start)
         index = (last - start * segment_len).to(hidden.device)
         hidden = hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))
         return MemoryModelOutput(logits=self.get_output_embeddings()(hidden),
