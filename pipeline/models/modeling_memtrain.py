@@ -13,18 +13,21 @@ Self-contained: this file, ``fused_head.py`` and ``configuration_memtrain.py`` a
 
 ZeRO-3: a parameter is only read inside the forward of the module that owns it. Every memory kind's
 step is its ``forward``; ARMT's per-layer parameters live in ``AssociativeLayer`` wrappers that the
-backbone calls. States are tuples of tensors with the batch first (checkpointed, stacked and
+backbone calls (ARMT's diagonal order stacks every layer's weights, so it never runs on partitioned
+weights: ``AssociativeMemory.diagonal``). States are tuples of tensors with the batch first (checkpointed, stacked and
 detached uniformly), passed in and returned explicitly; nothing is stored on modules.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
@@ -290,9 +293,12 @@ class AssociativeLayer(nn.Module):
         denom = torch.einsum("bk,btk->bt", norm, keys).unsqueeze(-1) + EPS
         return torch.bmm(keys, matrix) / denom, denom
 
-    def forward(self, hidden_states: torch.Tensor, *args, armt_memory: AssociativeState | None = None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args,
+                armt_memory: AssociativeState | DiagonalPass | None = None, **kwargs):
         if armt_memory is None:
             raise RuntimeError("AssociativeLayer called without armt_memory (call it through the memory model)")
+        if isinstance(armt_memory, DiagonalPass):
+            return armt_memory(self.layer_idx, hidden_states, args, kwargs)
         matrix, norm = armt_memory.inputs[self.layer_idx]
         read, _ = self._lookup(self._features(hidden_states, self.read_query), matrix, norm)
         out = self.layer(hidden_states + read.to(hidden_states.dtype), *args, **kwargs)
@@ -312,10 +318,92 @@ class AssociativeLayer(nn.Module):
         return matrix, norm
 
 
+class _LayerCall(Exception):
+    """Stops a recording pass at the first layer with what the backbone hands its layers."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__("layer call recorded")
+        self.args, self.kwargs = args, kwargs
+
+
+class DiagonalPass:
+    """ARMT's cells in diagonal order (Sivtsov et al. 2025), as the ``armt_memory`` of two backbone calls.
+
+    Cell (s, l), layer l on segment s, needs only cell (s, l - 1) (its input) and cell (s - 1, l) (the
+    memory it reads): the cells of an anti-diagonal s + l = t are independent, and run as one call of
+    the layer vmapped over the stacked weights of their layers (``torch.func``), S + L - 1 calls
+    instead of S * L. Every segment has the same layout (padded to L + m tokens: causal attention keeps
+    the padding from the real tokens), so every cell takes the same layer arguments. The backbone
+    keeps its own work around the layers, whatever the decoder: the first call, on one segment,
+    stops at layer 0 and records those arguments (causal mask, position embeddings...); the second,
+    on every segment stacked along the batch, has layer 0 run the whole schedule and return the top
+    layer's outputs, which the other layers pass through to the backbone's final norm.
+    """
+
+    def __init__(self, layers: nn.ModuleList, state: State, num_segments: int, num_write: int, keep: int):
+        self.layers, self.num_segments, self.num_write, self.keep = layers, num_segments, num_write, keep
+        self.matrices, self.norms = list(state[0::2]), list(state[1::2])
+        self.kept: list[State | None] = [None] * len(layers)  # per layer: the memory segment ``keep`` reads
+        self.call: _LayerCall | None = None
+        self.top: torch.Tensor | tuple | None = None
+
+    def __call__(self, layer_idx: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | tuple:
+        if self.call is None:
+            raise _LayerCall(args, kwargs)
+        if layer_idx == 0:
+            with warnings.catch_warnings():  # CPU's fused attention has no vmap rule: it loops over the cells
+                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+                self.top = self._run(hidden)
+        return self.top
+
+    def _cell(self, params: dict, buffers: dict, hidden: torch.Tensor, matrix: torch.Tensor,
+              norm: torch.Tensor) -> tuple[torch.Tensor | tuple, torch.Tensor, torch.Tensor]:
+        """One cell, with layer 0 as the template that functional_call fills with a layer's weights."""
+        memory = AssociativeState((matrix, norm), self.num_write)
+        out = functional_call(self.layers[0], (params, buffers), (hidden, *self.call.args),
+                              {**self.call.kwargs, "armt_memory": memory})
+        return out, *memory.outputs[0]
+
+    def _run(self, hidden: torch.Tensor) -> torch.Tensor | tuple:
+        """Top-layer outputs [S * B, T, d] of the segments' layer-0 inputs ``hidden`` [S * B, T, d]."""
+        n_segments, n_layers = self.num_segments, len(self.layers)
+        inputs = hidden.unflatten(0, (n_segments, -1))
+        params, buffers = stack_module_state(list(self.layers))
+        cells = vmap(self._cell)
+        latest: list[torch.Tensor | None] = [None] * n_layers  # layer l's output on the last diagonal
+        tops, out = [], None
+        for t in range(n_segments + n_layers - 1):
+            lo, hi = max(0, t - n_segments + 1), min(t, n_layers - 1)  # layer l runs segment t - l
+            x = torch.stack(([inputs[t]] if lo == 0 else []) + latest[max(lo, 1) - 1:hi])
+            out, matrices, norms = cells({k: v[lo:hi + 1] for k, v in params.items()},
+                                         {k: v[lo:hi + 1] for k, v in buffers.items()}, x,
+                                         torch.stack(self.matrices[lo:hi + 1]), torch.stack(self.norms[lo:hi + 1]))
+            if lo <= t - self.keep <= hi:
+                self.kept[t - self.keep] = (self.matrices[t - self.keep], self.norms[t - self.keep])
+            self.matrices[lo:hi + 1], self.norms[lo:hi + 1] = matrices.unbind(), norms.unbind()
+            latest[lo:hi + 1] = layer_hidden(out).unbind()
+            if hi == n_layers - 1:
+                tops.append(latest[-1])
+        top = torch.cat(tops)
+        return (top,) if isinstance(out, tuple) else top
+
+
+ARMT_SCHEDULES = ("sequential", "diagonal")
+
+
 class AssociativeMemory(MemoryKind):
     """``armt``: inputs [segment ; write tokens] at positions 0..len-1 and L..L+m-1; every decoder layer
     (wrapped in ``AssociativeLayer`` by ``__init__``) reads its matrix memory and the write tokens
-    update it. State: (A_0, z_0, A_1, z_1, ...), zeros before the first segment, never saved."""
+    update it. State: (A_0, z_0, A_1, z_1, ...), zeros before the first segment, never saved.
+
+    ``config.armt_schedule``: inference runs the (segment, layer) cells ``sequential`` (segment by
+    segment, the backbone once per segment) or ``diagonal`` (``DiagonalPass``: an anti-diagonal of cells
+    per vmapped layer call). The diagonal order needs ARMT's memory to be per layer: classic RMT's
+    memory is the top layer's output, so its segment s + 1 waits for all of segment s and there is
+    no diagonal to batch. It applies without gradients, in eval mode (no dropout), with every weight
+    in place (not under ZeRO-3, whose partitioned weights only exist inside their own module's
+    forward) and to inputs of two segments or more; everything else runs sequentially.
+    """
 
     carries_state = True
 
@@ -328,11 +416,14 @@ class AssociativeMemory(MemoryKind):
         for i in range(len(layers)):
             layers[i] = AssociativeLayer(layers[i], i, hidden, config.armt_d_mem, config.armt_nu, self.init_std)
         self.state_shapes = [(2 * config.armt_d_mem * config.armt_nu, hidden)] * len(layers)
+        self.schedule = config.armt_schedule
 
     @classmethod
     def check(cls, config, sample_len=None):
         if config.num_memory_tokens < 1:
             raise ValueError("armt writes its memory through memory tokens: num_memory_tokens must be >= 1")
+        if config.armt_schedule not in ARMT_SCHEDULES:
+            raise ValueError(f"armt_schedule must be one of {ARMT_SCHEDULES}, got {config.armt_schedule!r}")
         super().check(config, sample_len)
 
     @staticmethod
@@ -355,6 +446,34 @@ class AssociativeMemory(MemoryKind):
         hidden = run_backbone(backbone, torch.cat([segment, tokens], dim=1), positions(*ranges, device=segment.device),
                               armt_memory=memory)
         return hidden[:, :length], memory.next_state() if write else state
+
+    def diagonal(self, backbone: nn.Module, total: int) -> bool:
+        """Whether ``total`` tokens run in diagonal order (see the class docstring for when)."""
+        return (self.schedule == "diagonal" and total > self.segment_len and not torch.is_grad_enabled()
+                and not backbone.training and not any(hasattr(p, "ds_id") for p in backbone.parameters()))
+
+    def one_pass(self, backbone, total):
+        return self.diagonal(backbone, total)
+
+    def run(self, backbone, embeds, state=None, keep=0):
+        if not self.diagonal(backbone, embeds.shape[1]):
+            return super().run(backbone, embeds, state, keep)
+        batch, total, width = embeds.shape
+        n_segments, length = -(-total // self.segment_len), self.segment_len
+        segments = F.pad(embeds, (0, 0, 0, n_segments * length - total)).unflatten(1, (n_segments, length))
+        tokens = self.weight.expand(batch, n_segments, -1, -1)
+        cells = torch.cat([segments, tokens], dim=2).transpose(0, 1).flatten(0, 1)  # [S * B, L + m, d]
+        schedule = DiagonalPass(decoder_layers(backbone), self.initial_state(batch, embeds.device)
+                                if state is None else state, n_segments, tokens.shape[2], keep)
+        position_ids = positions((0, cells.shape[1]), device=embeds.device)
+        try:
+            run_backbone(backbone, cells[:batch], position_ids, armt_memory=schedule)
+        except _LayerCall as call:
+            schedule.call = call
+        hidden = run_backbone(backbone, cells, position_ids, armt_memory=schedule)
+        hidden = hidden.unflatten(0, (n_segments, batch))[:, :, :length].transpose(0, 1).reshape(batch, -1, width)
+        kept = state if keep == 0 else tuple(t for layer_state in schedule.kept for t in layer_state)
+        return hidden[:, :total], kept
 
 
 MEMORY_KINDS: dict[str, type[MemoryKind]] = {
@@ -501,8 +620,9 @@ def run_segments(memory: MemoryKind, backbone: nn.Module, loss: SegmentLoss, emb
 
 def run_whole(memory: MemoryKind, backbone: nn.Module, loss: SegmentLoss, embeds: torch.Tensor,
               targets: torch.Tensor, segment_len: int) -> SegmentStats:
-    """Loss statistics of one ``run`` over the whole input (full attention), still reported per segment
-    (there is no segment step to recompute; an unfused head is checkpointed per segment)."""
+    """Loss statistics of one ``run`` over the whole input (full attention; ARMT in diagonal order), still
+    reported per segment (there is no segment step to recompute; an unfused head is checkpointed per
+    segment)."""
     hidden, _ = memory.run(backbone, embeds)
     for start, end in _spans(embeds.shape[1], segment_len):
         loss.add(hidden[:, start:end], targets[:, start:end])
