@@ -321,9 +321,9 @@ class AssociativeLayer(nn.Module):
 class _LayerCall(Exception):
     """Stops a recording pass at the first layer with what the backbone hands its layers."""
 
-    def __init__(self, args: tuple, kwargs: dict):
+    def __init__(self, layer_args: tuple, layer_kwargs: dict):
         super().__init__("layer call recorded")
-        self.args, self.kwargs = args, kwargs
+        self.layer_args, self.layer_kwargs = layer_args, layer_kwargs
 
 
 class DiagonalPass:
@@ -344,11 +344,12 @@ class DiagonalPass:
         self.layers, self.num_segments, self.num_write, self.keep = layers, num_segments, num_write, keep
         self.matrices, self.norms = list(state[0::2]), list(state[1::2])
         self.kept: list[State | None] = [None] * len(layers)  # per layer: the memory segment ``keep`` reads
-        self.call: _LayerCall | None = None
+        self.layer_args: tuple | None = None  # recorded by the first call (then the cells' arguments)
+        self.layer_kwargs: dict = {}
         self.top: torch.Tensor | tuple | None = None
 
     def __call__(self, layer_idx: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | tuple:
-        if self.call is None:
+        if self.layer_args is None:
             raise _LayerCall(args, kwargs)
         if layer_idx == 0:
             with warnings.catch_warnings():  # CPU's fused attention has no vmap rule: it loops over the cells
@@ -360,8 +361,8 @@ class DiagonalPass:
               norm: torch.Tensor) -> tuple[torch.Tensor | tuple, torch.Tensor, torch.Tensor]:
         """One cell, with layer 0 as the template that functional_call fills with a layer's weights."""
         memory = AssociativeState((matrix, norm), self.num_write)
-        out = functional_call(self.layers[0], (params, buffers), (hidden, *self.call.args),
-                              {**self.call.kwargs, "armt_memory": memory})
+        out = functional_call(self.layers[0], (params, buffers), (hidden, *self.layer_args),
+                              {**self.layer_kwargs, "armt_memory": memory})
         return out, *memory.outputs[0]
 
     def _run(self, hidden: torch.Tensor) -> torch.Tensor | tuple:
@@ -468,8 +469,8 @@ class AssociativeMemory(MemoryKind):
         position_ids = positions((0, cells.shape[1]), device=embeds.device)
         try:
             run_backbone(backbone, cells[:batch], position_ids, armt_memory=schedule)
-        except _LayerCall as call:
-            schedule.call = call
+        except _LayerCall as call:  # keep its contents, not the exception (its traceback holds the frames)
+            schedule.layer_args, schedule.layer_kwargs = call.layer_args, call.layer_kwargs
         hidden = run_backbone(backbone, cells, position_ids, armt_memory=schedule)
         hidden = hidden.unflatten(0, (n_segments, batch))[:, :, :length].transpose(0, 1).reshape(batch, -1, width)
         kept = state if keep == 0 else tuple(t for layer_state in schedule.kept for t in layer_state)
