@@ -23,7 +23,7 @@ training step, recomputation not counted) over the fp32 matmul peak of this mach
 here with torch.mm on the same threads and the same clock.
 
     .venv/bin/python bench/model_step.py [--hidden 128 --layers 4 --segment-len 64 --memory 4 --threads 1]
-    .venv/bin/python bench/model_step.py --armt-diag-only     # just the armt schedules (a minute)
+    .venv/bin/python bench/model_step.py --armt-diag-only [--arch llama]   # just the armt schedules (a minute)
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _build_ours(spec: Spec, args: argparse.Namespace):
     from pipeline.models import build_model
 
     cfg = load_config(None, [
-        f"memory.kind={spec.model}", "model.arch=gpt2", f"model.hidden_size={args.hidden}",
+        f"memory.kind={spec.model}", f"model.arch={args.arch}", f"model.hidden_size={args.hidden}",
         f"model.num_layers={args.layers}", f"model.num_heads={args.heads}", f"model.max_positions={args.max_positions}",
         f"data.segment_len={args.segment_len}", f"data.n_segments={spec.n_segments}",
         f"memory.num_tokens={args.memory}", f"model.segment_checkpointing={str(spec.checkpointing).lower()}",
@@ -246,6 +246,7 @@ def armt_schedules(results: dict[Spec, dict], args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="gpt2", help="memtrain's decoder (the peer is GPT-2 style whatever this is)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
@@ -275,7 +276,7 @@ def main() -> None:
     specs += [Spec("rmt", True, n, allocator="glibc") for n in RSS_SEGMENTS]
     diag_specs = [Spec("armt", False, n, schedule=schedule) for n in DIAG_SEGMENTS for schedule in SCHEDULES]
     specs = diag_specs if args.armt_diag_only else specs + diag_specs
-    print(f"size: GPT-2 style d={args.hidden} x{args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
+    print(f"size: {args.arch} d={args.hidden} x{args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
           f"segment {args.segment_len}, memory {args.memory}, batch {args.batch}; {args.threads} threads, "
           f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; project allocator set-up: {alloc.describe()}")
     if not args.armt_diag_only:
