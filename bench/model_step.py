@@ -5,7 +5,9 @@ without segment checkpointing, n_segments in {1, 2, 4, 8, 16, 32}, all the same 
 plus rmt with segment checkpointing and the plain (unfused) LM head, which the backward recomputes;
 plus the PyPI package recurrent-memory-transformer-pytorch at a matched size (dim, depth, heads,
 feed-forward, memory tokens, segment length, vocabulary; no XL memories, no hyper-connections) as a
-peer, with plain backprop and with its memory-replay backprop (its answer to checkpointing).
+peer, with plain backprop and with its memory-replay backprop (its answer to checkpointing); plus armt
+inference (a forward with labels, no gradients, eval mode, batch 1) in sequential and in diagonal order
+(``memory.armt_schedule``) at 8, 32 and 64 segments, with how far apart their per-segment NLLs are.
 
 A step is forward + backward + AdamW on one batch. Each configuration runs in a child forked from
 a lean worker (libraries imported, nothing computed). The workers are started with an allocator
@@ -21,6 +23,7 @@ training step, recomputation not counted) over the fp32 matmul peak of this mach
 here with torch.mm on the same threads and the same clock.
 
     .venv/bin/python bench/model_step.py [--hidden 128 --layers 4 --segment-len 64 --memory 4 --threads 1]
+    .venv/bin/python bench/model_step.py --armt-diag-only [--arch llama]   # just the armt schedules (a minute)
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from pathlib import Path
 SEGMENTS = (1, 2, 4, 8, 16, 32)
 KINDS = ("rmt", "armt", "none", "full")
 RSS_SEGMENTS = (2, 32)
+DIAG_SEGMENTS = (8, 32, 64)
+SCHEDULES = ("sequential", "diagonal")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Spec:
     n_segments: int
     fused_head: bool = True
     allocator: str = "project"  # "project" (memtrain's CPU-rank set-up) or "glibc"
+    schedule: str | None = None  # armt's inference order: an eval forward at batch 1 instead of a training step
 
 
 def _proc_kb(field: str) -> int:
@@ -63,15 +69,35 @@ def _build_ours(spec: Spec, args: argparse.Namespace):
     from pipeline.models import build_model
 
     cfg = load_config(None, [
-        f"memory.kind={spec.model}", "model.arch=gpt2", f"model.hidden_size={args.hidden}",
+        f"memory.kind={spec.model}", f"model.arch={args.arch}", f"model.hidden_size={args.hidden}",
         f"model.num_layers={args.layers}", f"model.num_heads={args.heads}", f"model.max_positions={args.max_positions}",
         f"data.segment_len={args.segment_len}", f"data.n_segments={spec.n_segments}",
-        f"memory.num_tokens={args.memory}", f"model.segment_checkpointing={str(spec.checkpointing).lower()}"])
+        f"memory.num_tokens={args.memory}", f"model.segment_checkpointing={str(spec.checkpointing).lower()}",
+        f"memory.armt_schedule={spec.schedule or 'sequential'}"])
     model = build_model(cfg, args.vocab, 1, 2, 0).train()
     model.config.fused_head = spec.fused_head
 
     def step(ids):
         model(ids, labels=ids).loss.backward()
+
+    return model, step
+
+
+def _build_inference(spec: Spec, args: argparse.Namespace):
+    """armt in eval mode, its value projections random (zero at init: an empty memory would make the
+    two orders trivially equal); the step returns the per-segment NLL sums."""
+    import torch
+
+    model, _ = _build_ours(spec, args)
+    model.eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("write_value"):
+                param.normal_(0.0, model.memory.init_std)
+
+    @torch.no_grad()
+    def step(ids):
+        return model(ids, labels=ids).segment_nll.tolist()
 
     return model, step
 
@@ -102,9 +128,17 @@ def _run(spec: Spec, args: argparse.Namespace, conn) -> None:
     Path("/proc/self/clear_refs").write_text("5")
     start_kb = _proc_kb("VmRSS")
     torch.manual_seed(0)
+    ids = torch.randint(3, args.vocab, (args.batch, spec.n_segments * args.segment_len))
+    if spec.schedule:
+        model, step = _build_inference(spec, args)
+        ids, clock = ids[:1], _clock(args.threads)
+        outputs = step(ids)  # warm-up
+        times = [_timed(lambda: step(ids), clock) for _ in range(args.steps)]
+        conn.send({"step_s": statistics.median(times), "peak_mb": (_proc_kb("VmHWM") - start_kb) / 1024,
+                   "segment_nll": outputs})
+        return
     model, step = (_build_peer if spec.model == "peer" else _build_ours)(spec, args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(3, args.vocab, (args.batch, spec.n_segments * args.segment_len))
 
     def train_step() -> float:
         return _timed(lambda: (step(ids), optimizer.step(), optimizer.zero_grad(set_to_none=True)), _clock(args.threads))
@@ -194,8 +228,25 @@ def rmt_flops(args: argparse.Namespace, n_segments: int) -> float:
     return 3 * args.batch * total
 
 
+def armt_schedules(results: dict[Spec, dict], args: argparse.Namespace) -> str:
+    """Print the table of armt's inference orders; their RESULT figures."""
+    print(f"armt inference, batch 1 (forward with labels, no gradients, eval mode); {args.threads} threads")
+    print(f"{'n_seg':>7}{'tokens':>8}{'seq s':>9}{'diag s':>9}{'speedup':>9}{'seq MB':>8}{'diag MB':>9}"
+          f"{'max rel NLL diff':>18}")
+    speedups, diffs = {}, []
+    for n in DIAG_SEGMENTS:
+        sequential, diagonal = (results[Spec("armt", False, n, schedule=schedule)] for schedule in SCHEDULES)
+        speedups[n] = sequential["step_s"] / diagonal["step_s"]
+        diffs.append(max(abs(a - b) / abs(a) for a, b in zip(sequential["segment_nll"], diagonal["segment_nll"])))
+        print(f"{n:>7}{n * args.segment_len:>8}{sequential['step_s']:>9.3f}{diagonal['step_s']:>9.3f}"
+              f"{speedups[n]:>9.2f}{sequential['peak_mb']:>8.0f}{diagonal['peak_mb']:>9.0f}{diffs[-1]:>18.1e}")
+    return (" ".join(f"armt_diag_speedup_{n}={speedups[n]:.3f}" for n in DIAG_SEGMENTS)
+            + f" armt_diag_max_rel_nll_diff={max(diffs):.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="gpt2", help="memtrain's decoder (the peer is GPT-2 style whatever this is)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
@@ -208,6 +259,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads (1: on a shared machine, OpenMP barriers over busy cores make "
                              "multi-thread timings erratic)")
+    parser.add_argument("--armt-diag-only", action="store_true",
+                        help="only armt's inference in sequential and diagonal order")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, argv = parser.parse_args(), [a for a in sys.argv[1:] if a != "--worker"]
     if args.worker:
@@ -221,15 +274,20 @@ def main() -> None:
              if model != "full" or n * args.segment_len <= args.max_positions]
     specs += [Spec("rmt", True, n, fused_head=False) for n in SEGMENTS]
     specs += [Spec("rmt", True, n, allocator="glibc") for n in RSS_SEGMENTS]
-    print(f"size: GPT-2 style d={args.hidden} x{args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
+    diag_specs = [Spec("armt", False, n, schedule=schedule) for n in DIAG_SEGMENTS for schedule in SCHEDULES]
+    specs = diag_specs if args.armt_diag_only else specs + diag_specs
+    print(f"size: {args.arch} d={args.hidden} x{args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
           f"segment {args.segment_len}, memory {args.memory}, batch {args.batch}; {args.threads} threads, "
           f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; project allocator set-up: {alloc.describe()}")
-    print(f"{'model':<6}{'ckpt':>6}{'head':>7}{'alloc':>9}{'n_seg':>7}{'tokens':>8}{'step s':>9}{'tok/s':>9}"
-          f"{'peak MB':>9}")
+    if not args.armt_diag_only:
+        print(f"{'model':<6}{'ckpt':>6}{'head':>7}{'alloc':>9}{'n_seg':>7}{'tokens':>8}{'step s':>9}{'tok/s':>9}"
+              f"{'peak MB':>9}")
     results = {}
     try:
         for spec in specs:
             result = results[spec] = ask(workers[spec.allocator], asdict(spec))
+            if spec.schedule:
+                continue
             tokens = args.batch * spec.n_segments * args.segment_len
             head = "-" if spec.model == "peer" else "fused" if spec.fused_head else "plain"
             print(f"{spec.model:<6}{'on' if spec.checkpointing else 'off':>6}{head:>7}{spec.allocator:>9}"
@@ -239,6 +297,11 @@ def main() -> None:
         for proc in workers.values():
             proc.stdin.close()
             proc.wait()
+
+    diag = armt_schedules(results, args)
+    if args.armt_diag_only:
+        print(f"RESULT {diag}")
+        return
 
     def total_time(model: str, ckpt: bool, fused: bool = True) -> float:
         return sum(results[Spec(model, ckpt, n, fused)]["step_s"] for n in SEGMENTS)
@@ -263,7 +326,7 @@ def main() -> None:
     print(f"RESULT rss_ratio_32_vs_2_default={rss_ratio('project'):.3f} rss_ratio_32_vs_2_glibc={rss_ratio('glibc'):.3f} "
           f"ckpt_vs_nockpt_tok_s={ckpt_vs_nockpt:.3f} fused_vs_plain_ckpt_tok_s={fused_vs_plain:.3f} "
           f"rmt_vs_none_time={rmt_vs_none:.3f} rmt_vs_peer_tok_s={rmt_vs_peer:.3f} "
-          f"full_vs_rmt_time_at_max={full_vs_rmt:.3f} mfu={mfu:.3f}")
+          f"full_vs_rmt_time_at_max={full_vs_rmt:.3f} mfu={mfu:.3f} {diag}")
 
 
 if __name__ == "__main__":

@@ -196,6 +196,10 @@ class MemoryConfig(Section):
     """Order of ARMT's DPFP feature map (keys have 2 * armt_d_mem * armt_nu features)."""
     armt_d_mem: int | None = None
     """Width of ARMT's memory keys before DPFP; unset = min(64, hidden_size)."""
+    armt_schedule: Literal["sequential", "diagonal"] = "sequential"
+    """armt inference order: sequential (segment by segment) or diagonal (the (segment, layer) cells of
+    one anti-diagonal in one vmapped layer call; same outputs; eval/generation only, never under
+    gradients or ZeRO-3). README, "Models"."""
 
 
 class CurriculumStage(Section):

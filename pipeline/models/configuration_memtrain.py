@@ -22,6 +22,11 @@ class MemoryModelConfig(PretrainedConfig):
         ``norm`` (``memory.write``); the default here stays ``paper`` so a config saved before
         the setting existed loads as the model it was.
     armt_nu: DPFP feature-map order; armt_d_mem: width of the associative keys before DPFP.
+    armt_schedule: armt only: the order inference runs its (segment, layer) cells in. ``sequential``:
+        segment by segment, layer by layer; ``diagonal``: the cells of one anti-diagonal
+        (segment + layer = const) in one vmapped layer call (Sivtsov et al. 2025; see
+        ``modeling_memtrain.DiagonalPass``). The same outputs; used without gradients, in eval mode,
+        on unpartitioned weights, for inputs of two segments or more; training stays sequential.
     memory_init_std: std of the learned memory tokens; None = the decoder's ``initializer_range``.
     segment_checkpointing: recompute each segment in the backward pass (activation memory stays
         flat in the number of segments).
@@ -40,6 +45,7 @@ class MemoryModelConfig(PretrainedConfig):
     memory_write: str = "paper"
     armt_nu: int = 3
     armt_d_mem: int = 64
+    armt_schedule: str = "sequential"
     memory_init_std: float | None = None
     segment_checkpointing: bool = False
     fused_head: bool = True

@@ -13,18 +13,21 @@ Self-contained: this file, ``fused_head.py`` and ``configuration_memtrain.py`` a
 
 ZeRO-3: a parameter is only read inside the forward of the module that owns it. Every memory kind's
 step is its ``forward``; ARMT's per-layer parameters live in ``AssociativeLayer`` wrappers that the
-backbone calls. States are tuples of tensors with the batch first (checkpointed, stacked and
+backbone calls (ARMT's diagonal order stacks every layer's weights, so it never runs on partitioned
+weights: ``AssociativeMemory.diagonal``). States are tuples of tensors with the batch first (checkpointed, stacked and
 detached uniformly), passed in and returned explicitly; nothing is stored on modules.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
@@ -91,6 +94,24 @@ class MemoryKind(nn.Module):
 
     def forward(self, backbone: nn.Module, state: State | None, segment: torch.Tensor, write: bool):
         raise NotImplementedError
+
+    def run(self, backbone: nn.Module, embeds: torch.Tensor, state: State | None = None,
+            keep: int = 0) -> tuple[torch.Tensor, State | None]:
+        """Final hidden states [B, T, d] of every position of ``embeds`` read after ``state`` (inference: no
+        loss, no truncation), and the state that step ``keep`` reads (``state`` itself for 0)."""
+        spans = _spans(embeds.shape[1], self.step_len(embeds.shape[1]))
+        hidden, kept = [], state
+        for k, (start, end) in enumerate(spans):
+            if k == keep:
+                kept = state
+            out, state = self(backbone, state, embeds[:, start:end], k < len(spans) - 1)
+            hidden.append(out)
+        return torch.cat(hidden, dim=1), kept
+
+    def one_pass(self, backbone: nn.Module, total: int) -> bool:
+        """Whether the loss over ``total`` tokens comes from one ``run`` (then split per segment) instead of
+        a checkpointable step per segment."""
+        return self.whole_sample
 
 
 class NoMemory(MemoryKind):
@@ -221,6 +242,11 @@ def dpfp(x: torch.Tensor, nu: int) -> torch.Tensor:
     return x.repeat(*([1] * (x.dim() - 1)), nu) * rolled
 
 
+def layer_hidden(out: torch.Tensor | tuple) -> torch.Tensor:
+    """The hidden states a decoder layer returns (alone, or first of a tuple in older transformers)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 class AssociativeState:
     """ARMT's per-layer memories for one segment step, handed to every ``AssociativeLayer`` through the
     backbone's layer kwargs (as a KV cache is): layer i reads ``inputs[i]`` = (A [B, d_key, d],
@@ -267,15 +293,18 @@ class AssociativeLayer(nn.Module):
         denom = torch.einsum("bk,btk->bt", norm, keys).unsqueeze(-1) + EPS
         return torch.bmm(keys, matrix) / denom, denom
 
-    def forward(self, hidden_states: torch.Tensor, *args, armt_memory: AssociativeState | None = None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args,
+                armt_memory: AssociativeState | DiagonalPass | None = None, **kwargs):
         if armt_memory is None:
             raise RuntimeError("AssociativeLayer called without armt_memory (call it through the memory model)")
+        if isinstance(armt_memory, DiagonalPass):
+            return armt_memory(self.layer_idx, hidden_states, args, kwargs)
         matrix, norm = armt_memory.inputs[self.layer_idx]
         read, _ = self._lookup(self._features(hidden_states, self.read_query), matrix, norm)
         out = self.layer(hidden_states + read.to(hidden_states.dtype), *args, **kwargs)
         if armt_memory.num_write:
-            hidden = out[0] if isinstance(out, tuple) else out
-            armt_memory.outputs[self.layer_idx] = self._write(hidden[:, -armt_memory.num_write:], matrix, norm)
+            armt_memory.outputs[self.layer_idx] = self._write(layer_hidden(out)[:, -armt_memory.num_write:],
+                                                              matrix, norm)
         return out
 
     def _write(self, tokens: torch.Tensor, matrix: torch.Tensor, norm: torch.Tensor) -> State:
@@ -289,10 +318,102 @@ class AssociativeLayer(nn.Module):
         return matrix, norm
 
 
+class _LayerCall(Exception):
+    """Stops a recording pass at the first layer with what the backbone hands its layers."""
+
+    def __init__(self, layer_args: tuple, layer_kwargs: dict):
+        super().__init__("layer call recorded")
+        self.layer_args, self.layer_kwargs = layer_args, layer_kwargs
+
+
+class DiagonalPass:
+    """ARMT's cells in diagonal order (Sivtsov et al. 2025), as the ``armt_memory`` of two backbone calls.
+
+    Cell (s, l), layer l on segment s, needs only cell (s, l - 1) (its input) and cell (s - 1, l) (the
+    memory it reads): the cells of an anti-diagonal s + l = t are independent, and run as one call of
+    the layer vmapped over the stacked weights of their layers (``torch.func``), S + L - 1 calls
+    instead of S * L. Every segment has the same layout (padded to L + m tokens: causal attention keeps
+    the padding from the real tokens), so every cell takes the same layer arguments. The backbone
+    keeps its own work around the layers, whatever the decoder: the first call, on one segment,
+    stops at layer 0 and records those arguments (causal mask, position embeddings...); the second,
+    on every segment stacked along the batch, has layer 0 run the whole schedule and return the top
+    layer's outputs, which the other layers pass through to the backbone's final norm.
+    """
+
+    def __init__(self, layers: nn.ModuleList, state: State, num_segments: int, num_write: int, keep: int):
+        self.layers, self.num_segments, self.num_write, self.keep = layers, num_segments, num_write, keep
+        self.matrices, self.norms = list(state[0::2]), list(state[1::2])
+        self.kept: list[State | None] = [None] * len(layers)  # per layer: the memory segment ``keep`` reads
+        self.layer_args: tuple | None = None  # recorded by the first call (then the cells' arguments)
+        self.layer_kwargs: dict = {}
+        self.top: torch.Tensor | tuple | None = None
+
+    def __call__(self, layer_idx: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | tuple:
+        if self.layer_args is None:
+            raise _LayerCall(args, kwargs)
+        if layer_idx == 0:
+            with warnings.catch_warnings():  # CPU's fused attention has no vmap rule: it loops over the cells
+                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+                self.top = self._run(hidden)
+        return self.top
+
+    def _cell(self, params: dict, buffers: dict, hidden: torch.Tensor, matrix: torch.Tensor,
+              norm: torch.Tensor) -> tuple[torch.Tensor | tuple, torch.Tensor, torch.Tensor]:
+        """One cell, with layer 0 as the template that functional_call fills with a layer's weights."""
+        memory = AssociativeState((matrix, norm), self.num_write)
+        out = functional_call(self.layers[0], (params, buffers), (hidden, *self.layer_args),
+                              {**self.layer_kwargs, "armt_memory": memory})
+        return out, *memory.outputs[0]
+
+    def _run(self, hidden: torch.Tensor) -> torch.Tensor | tuple:
+        """Top-layer outputs [S * B, T, d] of the segments' layer-0 inputs ``hidden`` [S * B, T, d]."""
+        n_segments, n_layers = self.num_segments, len(self.layers)
+        inputs = hidden.unflatten(0, (n_segments, -1))
+        params, buffers = stack_module_state(list(self.layers))
+        cells = vmap(self._cell)
+        latest: list[torch.Tensor | None] = [None] * n_layers  # layer l's output on the last diagonal
+        tops, out = [], None
+        for t in range(n_segments + n_layers - 1):
+            lo, hi = max(0, t - n_segments + 1), min(t, n_layers - 1)  # layer l runs segment t - l
+            x = torch.stack(([inputs[t]] if lo == 0 else []) + latest[max(lo, 1) - 1:hi])
+            out, matrices, norms = cells({k: v[lo:hi + 1] for k, v in params.items()},
+                                         {k: v[lo:hi + 1] for k, v in buffers.items()}, x,
+                                         torch.stack(self.matrices[lo:hi + 1]), torch.stack(self.norms[lo:hi + 1]))
+            if lo <= t - self.keep <= hi:
+                self.kept[t - self.keep] = (self.matrices[t - self.keep], self.norms[t - self.keep])
+            self.matrices[lo:hi + 1], self.norms[lo:hi + 1] = matrices.unbind(), norms.unbind()
+            latest[lo:hi + 1] = layer_hidden(out).unbind()
+            if hi == n_layers - 1:
+                tops.append(latest[-1])
+        top = torch.cat(tops)
+        return (top,) if isinstance(out, tuple) else top
+
+
+ARMT_SCHEDULES = ("sequential", "diagonal")
+
+
 class AssociativeMemory(MemoryKind):
     """``armt``: inputs [segment ; write tokens] at positions 0..len-1 and L..L+m-1; every decoder layer
     (wrapped in ``AssociativeLayer`` by ``__init__``) reads its matrix memory and the write tokens
-    update it. State: (A_0, z_0, A_1, z_1, ...), zeros before the first segment, never saved."""
+    update it. State: (A_0, z_0, A_1, z_1, ...), zeros before the first segment, never saved.
+
+    ``config.armt_schedule``: inference runs the (segment, layer) cells ``sequential`` (segment by
+    segment, the backbone once per segment) or ``diagonal`` (``DiagonalPass``: an anti-diagonal of cells
+    per vmapped layer call). The diagonal order needs ARMT's memory to be per layer: classic RMT's
+    memory is the top layer's output, so its segment s + 1 waits for all of segment s and there is
+    no diagonal to batch. It applies without gradients, in eval mode (no dropout), with every weight
+    in place (not under ZeRO-3, whose partitioned weights only exist inside their own module's
+    forward) and to inputs of two segments or more; everything else runs sequentially (training
+    too: the stacked copies carry no gradient back to the parameters, and ZeRO-3 gathers one
+    module's weights at a time). Measured (bench/model_step.py --armt-diag-only: d = 128, 4 layers,
+    64-token segments, 4 memory tokens, batch 1, one thread of a shared 2-core CPU; medians of 3-5
+    runs), diagonal over sequential at 8 / 32 / 64 segments: GPT-2 0.98x / 1.18x / 1.08x, Llama
+    1.06x / 1.25x / 1.26x, per-segment NLLs within 2.3e-7 (relative). On a CPU a batched matmul is
+    no faster per FLOP than a loop of plain ones, and the fused attention has no vmap rule (it
+    loops over the cells): the gain is the per-call overhead of the small ops, well short of the
+    1.8x Sivtsov et al. report on a GPU. The default stays ``sequential``; the diagonal order holds
+    one more copy of the layers' weights and the whole input's hidden states during a forward.
+    """
 
     carries_state = True
 
@@ -305,11 +426,14 @@ class AssociativeMemory(MemoryKind):
         for i in range(len(layers)):
             layers[i] = AssociativeLayer(layers[i], i, hidden, config.armt_d_mem, config.armt_nu, self.init_std)
         self.state_shapes = [(2 * config.armt_d_mem * config.armt_nu, hidden)] * len(layers)
+        self.schedule = config.armt_schedule
 
     @classmethod
     def check(cls, config, sample_len=None):
         if config.num_memory_tokens < 1:
             raise ValueError("armt writes its memory through memory tokens: num_memory_tokens must be >= 1")
+        if config.armt_schedule not in ARMT_SCHEDULES:
+            raise ValueError(f"armt_schedule must be one of {ARMT_SCHEDULES}, got {config.armt_schedule!r}")
         super().check(config, sample_len)
 
     @staticmethod
@@ -332,6 +456,34 @@ class AssociativeMemory(MemoryKind):
         hidden = run_backbone(backbone, torch.cat([segment, tokens], dim=1), positions(*ranges, device=segment.device),
                               armt_memory=memory)
         return hidden[:, :length], memory.next_state() if write else state
+
+    def diagonal(self, backbone: nn.Module, total: int) -> bool:
+        """Whether ``total`` tokens run in diagonal order (see the class docstring for when)."""
+        return (self.schedule == "diagonal" and total > self.segment_len and not torch.is_grad_enabled()
+                and not backbone.training and not any(hasattr(p, "ds_id") for p in backbone.parameters()))
+
+    def one_pass(self, backbone, total):
+        return self.diagonal(backbone, total)
+
+    def run(self, backbone, embeds, state=None, keep=0):
+        if not self.diagonal(backbone, embeds.shape[1]):
+            return super().run(backbone, embeds, state, keep)
+        batch, total, width = embeds.shape
+        n_segments, length = -(-total // self.segment_len), self.segment_len
+        segments = F.pad(embeds, (0, 0, 0, n_segments * length - total)).unflatten(1, (n_segments, length))
+        tokens = self.weight.expand(batch, n_segments, -1, -1)
+        cells = torch.cat([segments, tokens], dim=2).transpose(0, 1).flatten(0, 1)  # [S * B, L + m, d]
+        schedule = DiagonalPass(decoder_layers(backbone), self.initial_state(batch, embeds.device)
+                                if state is None else state, n_segments, tokens.shape[2], keep)
+        position_ids = positions((0, cells.shape[1]), device=embeds.device)
+        try:
+            run_backbone(backbone, cells[:batch], position_ids, armt_memory=schedule)
+        except _LayerCall as call:  # keep its contents, not the exception (its traceback holds the frames)
+            schedule.layer_args, schedule.layer_kwargs = call.layer_args, call.layer_kwargs
+        hidden = run_backbone(backbone, cells, position_ids, armt_memory=schedule)
+        hidden = hidden.unflatten(0, (n_segments, batch))[:, :, :length].transpose(0, 1).reshape(batch, -1, width)
+        kept = state if keep == 0 else tuple(t for layer_state in schedule.kept for t in layer_state)
+        return hidden[:, :total], kept
 
 
 MEMORY_KINDS: dict[str, type[MemoryKind]] = {
@@ -478,9 +630,10 @@ def run_segments(memory: MemoryKind, backbone: nn.Module, loss: SegmentLoss, emb
 
 def run_whole(memory: MemoryKind, backbone: nn.Module, loss: SegmentLoss, embeds: torch.Tensor,
               targets: torch.Tensor, segment_len: int) -> SegmentStats:
-    """Loss statistics of one pass over the whole input, still reported per segment (there is no segment
-    step to recompute; an unfused head is checkpointed per segment)."""
-    hidden = run_hidden(memory, backbone, embeds)
+    """Loss statistics of one ``run`` over the whole input (full attention; ARMT in diagonal order), still
+    reported per segment (there is no segment step to recompute; an unfused head is checkpointed per
+    segment)."""
+    hidden, _ = memory.run(backbone, embeds)
     for start, end in _spans(embeds.shape[1], segment_len):
         loss.add(hidden[:, start:end], targets[:, start:end])
     return loss.stats()
@@ -490,16 +643,6 @@ def _to_target_frame(position_nll: list[torch.Tensor]) -> torch.Tensor:
     """Per-position NLLs (position t predicts target t + 1) -> column t holds the NLL of target t."""
     nll = torch.cat(position_nll, dim=1)
     return torch.cat([torch.zeros_like(nll[:, :1]), nll[:, :-1]], dim=1)
-
-
-def run_hidden(memory: MemoryKind, backbone: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
-    """Final hidden states [B, T, d] of every position (inference: no loss, no truncation)."""
-    spans = _spans(embeds.shape[1], memory.step_len(embeds.shape[1]))
-    state, hidden = None, []
-    for k, (start, end) in enumerate(spans):
-        out, state = memory(backbone, state, embeds[:, start:end], k < len(spans) - 1)
-        hidden.append(out)
-    return torch.cat(hidden, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,7 +801,7 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
                 and not self.memory.whole_sample:
             out = self._next_token_logits(input_ids, packing, past_key_values)
         elif labels is None:
-            hidden = run_hidden(self.memory, backbone, embeds)
+            hidden, _ = self.memory.run(backbone, embeds)
             hidden = packing.unpack(hidden) if packing is not None else hidden
             out = MemoryModelOutput(logits=head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
         else:
@@ -674,7 +817,7 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
         cfg, backbone, head = self.config, self.decoder.base_model, self.get_output_embeddings()
         checkpointing = cfg.segment_checkpointing and torch.is_grad_enabled()
         loss = SegmentLoss(head, cfg.fused_head, checkpointing, per_token)
-        if self.memory.whole_sample:
+        if self.memory.one_pass(backbone, embeds.shape[1]):
             stats = run_whole(self.memory, backbone, loss, embeds, targets, cfg.segment_len)
         else:
             stats = run_segments(self.memory, backbone, loss, embeds, targets, cfg.bptt_depth, checkpointing)
@@ -693,15 +836,7 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
         start, state = (cache.ids.shape[1] // segment_len, cache.state) if cache is not None and cache.resumes(ids) \
             else (0, None)
         embeds = self.get_input_embeddings()(ids[:, start * segment_len:])
-        spans = _spans(total, segment_len)
-        hidden, kept = [], state
-        for k in range(start, len(spans)):
-            if k == keep:
-                kept = state
-            a, b = (i - start * segment_len for i in spans[k])
-            out, state = self.memory(self.decoder.base_model, state, embeds[:, a:b], k < len(spans) - 1)
-            hidden.append(out)
-        hidden = torch.cat(hidden, dim=1)
+        hidden, kept = self.memory.run(self.decoder.base_model, embeds, state, keep - start)
         index = (last - start * segment_len).to(hidden.device)
         hidden = hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))
         return MemoryModelOutput(logits=self.get_output_embeddings()(hidden),
