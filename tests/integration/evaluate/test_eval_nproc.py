@@ -1,6 +1,7 @@
 """`memtrain eval --nproc 2`: the session's 2-rank run scored on 2 ZeRO-3 ranks (each loads its own
-shards, as a resumed training does) gives the table of the one-process `memtrain eval` the demo made,
-baseline included; one table, one MLflow record, and a bad input is one line with exit code 2."""
+shards, as a resumed training does) gives the table of a one-process `memtrain eval` (a plain model,
+consolidated), baseline and history protocol included, on an odd number of samples (rank 1 pads its
+share with a masked copy); one table, one MLflow record, and a bad input is one line with exit code 2."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def eval_records(uri: str, run: Path) -> int:
 
 def assert_same_table(got: EvalResult, expected: EvalResult) -> None:
     assert (got.split, got.n_samples, got.segment_len) == (expected.split, expected.n_samples, expected.segment_len)
-    pairs = list(zip(got.segments, expected.segments, strict=True))
+    pairs = list(zip(got.segments + got.history, expected.segments + expected.history, strict=True))
     pairs += list(zip(got.baseline.segments, expected.baseline.segments, strict=True))
     for a, b in pairs:
         assert (a.tokens, a.recall_tokens) == (b.tokens, b.recall_tokens)
@@ -55,16 +56,21 @@ def assert_same_table(got: EvalResult, expected: EvalResult) -> None:
 def test_two_ranks_give_the_one_process_table(trained_run: TrainedRun, tmp_path: Path) -> None:
     run, uri = private_copy(trained_run, tmp_path)
     before = eval_records(uri, run)
-    out = tmp_path / "eval.json"
-    proc = memtrain("eval", "--nproc", "2", "--checkpoint", str(run), "--json", str(out),
-                    "--set", f"eval.baseline={trained_run.baseline_dir}", cwd=tmp_path)
+    # 7 samples in batches of 2 on 2 ranks: rank 1 pads its share; the history windows add forward calls
+    settings = ["--set", f"eval.baseline={trained_run.baseline_dir}", "eval.max_samples=7", "eval.batch_size=2",
+                "eval.history_target=true"]
+    one, out = tmp_path / "one.json", tmp_path / "eval.json"
+    memtrain("eval", "--checkpoint", str(run), "--json", str(one), *settings, cwd=tmp_path)
+    proc = memtrain("eval", "--nproc", "2", "--checkpoint", str(run), "--json", str(out), *settings, cwd=tmp_path)
 
-    assert_same_table(EvalResult.from_json(out), EvalResult.from_json(trained_run.eval_json))
+    expected = EvalResult.from_json(one)
+    assert expected.n_samples == 7 and expected.history and expected.baseline is not None
+    assert_same_table(EvalResult.from_json(out), expected)
     assert EvalResult.from_json(run / "eval" / "step_00000004.json") == EvalResult.from_json(out)
     lines = proc.stdout.splitlines()
     assert sum(line.startswith("segment ") for line in lines) == 1, proc.stdout  # rank 0 alone prints
     assert sum(" step 4: " in line for line in lines) == 1 and sum(line.startswith("wrote ") for line in lines) == 1
-    assert eval_records(uri, run) == before + 1  # rank 0 alone logs
+    assert eval_records(uri, run) == before + 2  # one record per eval: rank 0 alone logs
     assert "error" not in proc.stderr.lower(), proc.stderr
 
 
