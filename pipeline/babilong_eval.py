@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,7 @@ def run_babilong_eval(args: argparse.Namespace, run, cfg) -> int:
     baseline = load_trained_model(cfg.eval.baseline) if cfg.eval.baseline else None
     if baseline is not None and baseline.manifest.get("tokenizer_hash") != run.manifest.get("tokenizer_hash"):
         raise UserError(f"eval.baseline {cfg.eval.baseline} has another tokenizer than {args.checkpoint}")
-    rows = evaluate_runs(run._replace(cfg=cfg), baseline, cfg.eval.babilong)
+    rows = evaluate_runs(replace(run, cfg=cfg), baseline, cfg.eval.babilong)
     names = {"model": run.cfg.memory.kind}
     if baseline is not None:
         names["baseline"] = baseline.cfg.memory.kind

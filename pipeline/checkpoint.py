@@ -19,8 +19,9 @@ import shutil
 import stat
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -359,7 +360,8 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, Any]:
         raise UserError(f"cannot read the checkpoint {tag_dir} (damaged or half-written): {reason}") from None
 
 
-class CheckpointInfo(NamedTuple):
+@dataclass(frozen=True)
+class CheckpointInfo:
     """A checkpoint and what describes it, without its weights: what every rank of a ZeRO-3 eval reads."""
 
     cfg: "ExperimentConfig"
@@ -377,19 +379,11 @@ class CheckpointInfo(NamedTuple):
         return int(self.manifest["vocab_size"])
 
 
-class TrainedModel(NamedTuple):
+@dataclass(frozen=True)
+class TrainedModel(CheckpointInfo):
     """A checkpoint's model with full weights (CPU, one process) and what describes it."""
 
-    model: "MemoryModelForCausalLM"
-    cfg: "ExperimentConfig"
-    run_dir: Path  # its train.output_dir
-    tag_dir: Path
-    state: dict[str, Any]  # memtrain_state.json
-    manifest: dict[str, Any]  # of the data it was trained on
-
-    @property
-    def step(self) -> int:
-        return int(self.state["step"])
+    model: "MemoryModelForCausalLM" = field(kw_only=True)
 
 
 def build_from_state_dict(cfg: "ExperimentConfig", manifest: dict[str, Any], state_dict: dict[str, Any],
@@ -428,7 +422,7 @@ def load_trained_model(path: str | Path) -> TrainedModel:
     state_dict = consolidated_state_dict(info.tag_dir)
     check_finite(state_dict, info.tag_dir)
     model = build_from_state_dict(info.cfg, info.manifest, state_dict, RunDir.of(info.run_dir).model_config)
-    return TrainedModel(model, *info)
+    return TrainedModel(**vars(info), model=model)
 
 
 def check_run_facts(cfg: "ExperimentConfig", manifest: dict[str, Any], state: dict[str, Any], run: RunDir) -> None:

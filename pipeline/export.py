@@ -109,7 +109,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
 
     out = Path(out).absolute()  # "." has no name to stage beside
     check_destination(out, Path(checkpoint), force)
-    model, cfg, train_dir, tag_dir, state, manifest = load_trained_model(checkpoint)
+    trained = load_trained_model(checkpoint)
+    model, cfg, train_dir, tag_dir, state, manifest = (trained.model, trained.cfg, trained.run_dir, trained.tag_dir,
+                                                       trained.state, trained.manifest)
     tokenizer_dir = RunDir.of(train_dir).tokenizer
     if not tokenizer_dir.is_dir():
         raise UserError(f"tokenizer not found: {tokenizer_dir} (is the checkpoint folder complete?)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -85,7 +86,7 @@ def run(tmp_path_factory) -> TrainedModel:
     torch.manual_seed(0)
     model = build_model(cfg, vocab_size=manifest["vocab_size"], bos_token_id=manifest["bos_token_id"],
                         eos_token_id=manifest["eos_token_id"], pad_token_id=manifest["pad_token_id"]).eval()
-    return TrainedModel(model, cfg, run_dir, run_dir, {"step": 0}, manifest)
+    return TrainedModel(cfg, run_dir, run_dir, {"step": 0}, manifest, model=model)
 
 
 def test_length_pools_take_samples_of_the_stage_length_and_resume(run: TrainedModel) -> None:
@@ -112,9 +113,9 @@ def test_eval_rows_for_model_and_full_baseline(run: TrainedModel) -> None:
     from pipeline.models import build_model
 
     m = run.manifest
-    full = TrainedModel(build_model(full_cfg, vocab_size=m["vocab_size"], bos_token_id=m["bos_token_id"],
-                                    eos_token_id=m["eos_token_id"], pad_token_id=m["pad_token_id"]).eval(),
-                        full_cfg, run.run_dir, run.run_dir, {"step": 0}, m)
+    full = TrainedModel(full_cfg, run.run_dir, run.run_dir, {"step": 0}, m,
+                        model=build_model(full_cfg, vocab_size=m["vocab_size"], bos_token_id=m["bos_token_id"],
+                                          eos_token_id=m["eos_token_id"], pad_token_id=m["pad_token_id"]).eval())
     rows = evaluate_runs(run, full, bl)
     assert [(r["task"], r["length_tokens"], r["samples"]) for r in rows] == [("qa1", n * SEG, 3) for n in (1, 2, 4)]
     for r in rows:
@@ -135,7 +136,7 @@ def test_a_run_not_trained_on_babilong_needs_a_source(run: TrainedModel) -> None
 
     cfg = run.cfg.model_copy(update={"data": run.cfg.data.model_copy(update={"source": "synthetic:4"})})
     with pytest.raises(UserError, match="was not trained on babilong data: set eval.babilong.source"):
-        load_samples(run._replace(cfg=cfg), cfg.eval.babilong, run.run_dir / "tokenizer")
+        load_samples(replace(run, cfg=cfg), cfg.eval.babilong, run.run_dir / "tokenizer")
 
 
 class Oracle(torch.nn.Module):
@@ -190,7 +191,7 @@ def test_metrics_go_to_the_checkpoints_mlflow_run_with_length_as_step(run: Train
     rows = [{"task": "qa1", "length_tokens": n, "accuracy": a, "tf_accuracy": a, "baseline_accuracy": 0.2}
             for n, a in ((32, 0.9), (512, 0.7))]
     (tmp_path / "t.json").write_text("{}")
-    log_to_run(run._replace(cfg=cfg, state={"mlflow_run_id": run_id}), rows, [tmp_path / "t.json"])
+    log_to_run(replace(run, cfg=cfg, state={"mlflow_run_id": run_id}), rows, [tmp_path / "t.json"])
     history = client.get_metric_history(run_id, "babilong/qa1_accuracy")
     assert sorted((p.step, p.value) for p in history) == [(32, 0.9), (512, 0.7)]
     assert [a.path for a in client.list_artifacts(run_id, "eval/babilong")] == ["eval/babilong/t.json"]
