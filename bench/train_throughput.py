@@ -74,7 +74,7 @@ def worker(kind: str, config: str, steps: int, warmup: int, out: Path) -> None:
     from pipeline.config import load_config
     from pipeline.data import TrainBatches, open_train_split, segments_for_step
     from pipeline.ds_config import batch_plan
-    from pipeline.optim import lr_at, make_optimizer
+    from pipeline.optim import make_optimizer, set_lr
     from pipeline.engine import build_partitioned_model
     from pipeline.train import preflight
 
@@ -97,8 +97,7 @@ def worker(kind: str, config: str, steps: int, warmup: int, out: Path) -> None:
 
         def one_step() -> None:
             nonlocal step
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr_at(cfg.train, step)
+            set_lr(engine.optimizer, cfg.train, step)
             for micro in batches.next_step(segments_for_step(cfg.train, step, cfg.data.n_segments, plan.accum)):
                 engine.backward(engine(input_ids=micro.input_ids, labels=micro.labels).loss)
                 engine.step()
@@ -120,8 +119,7 @@ def worker(kind: str, config: str, steps: int, warmup: int, out: Path) -> None:
 
         def one_step() -> None:
             nonlocal step
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg.train, step)
+            set_lr(optimizer, cfg.train, step)
             for micro in batches.next_step(segments_for_step(cfg.train, step, cfg.data.n_segments, plan.accum)):
                 (model(input_ids=micro.input_ids, labels=micro.labels).loss / plan.accum).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)

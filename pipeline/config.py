@@ -201,6 +201,11 @@ class MemoryConfig(Section):
     one anti-diagonal in one vmapped layer call; same outputs; eval/generation only, never under
     gradients or ZeRO-3). README, "Models"."""
 
+    @property
+    def has_parameters(self) -> bool:
+        """The memory has parameters of its own (rmt with memory tokens, armt): ``train.memory_lr_scale`` applies."""
+        return self.kind == "armt" or (self.kind == "rmt" and self.num_tokens > 0)
+
 
 class CurriculumStage(Section):
     from_step: int = Field(ge=0)
@@ -246,6 +251,8 @@ class TrainConfig(Section):
     """Learning rate at the end of the cosine decay."""
     warmup_steps: int = Field(20, ge=0)
     """Linear warmup steps before the cosine decay."""
+    memory_lr_scale: float = Field(0.1, ge=0)
+    """The memory's own parameters (rmt's initial memory and write gain, armt's write tokens and per-layer projections) train at this times the LR; 0 freezes them. 0.1 by measurement on real text (README, "Memory on real text")."""
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay (matrices only)."""
     betas: tuple[float, float] = (0.9, 0.95)

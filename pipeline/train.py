@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
 from tokenizers import Tokenizer
 
 from data_prep.atomic import write_bytes, write_text
@@ -128,6 +129,13 @@ def check_same_run(cfg: ExperimentConfig, manifest: dict[str, Any]) -> None:
         if changed:
             raise UserError(f"train.output_dir {run.root} holds checkpoints of another model ({changed[0]}); "
                             "use a new train.output_dir")
+    # the memory's own optimizer groups exist only at a scale other than 1 (``optim.param_groups``);
+    # the raw file: a run saved before the setting existed trained at 1, whatever today's default
+    trained_at = float(yaml.safe_load(run.config.read_text()).get("train", {}).get("memory_lr_scale", 1.0))
+    if cfg.memory.has_parameters and (trained_at == 1.0) != (cfg.train.memory_lr_scale == 1.0):
+        raise UserError(f"train.output_dir {run.root} trained with train.memory_lr_scale={trained_at:g}, and its "
+                        f"optimizer state {'has no' if trained_at == 1.0 else 'has'} separate groups for the memory: "
+                        f"resume with --set train.memory_lr_scale={trained_at:g}, or use a new train.output_dir")
     saved_manifest = json.loads(run.data_manifest.read_text())
     if saved_manifest.get("tokenizer_hash") != manifest.get("tokenizer_hash"):
         raise UserError(f"train.output_dir {run.root} was trained with another tokenizer than the one in {cfg.data.output_dir}")
@@ -303,16 +311,14 @@ class Trainer:
         import torch  # lazy: seconds of import, off the CLI dispatch path
 
         from pipeline.data import step_batches
-        from pipeline.optim import lr_at
+        from pipeline.optim import set_lr
 
         cfg, plan, device = self.cfg, self.plan, self.engine.device
         if self.step >= cfg.train.max_steps:
             self.progress.info(f"already at train.max_steps={cfg.train.max_steps}: nothing to do")
         while self.step < cfg.train.max_steps:
             started = time.perf_counter()
-            lr = lr_at(cfg.train, self.step)
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_lr(self.engine.optimizer, cfg.train, self.step)
             micros = step_batches(self.batches, cfg.train, self.step, cfg.data.n_segments, plan.accum)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for micro in micros:

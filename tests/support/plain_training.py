@@ -23,7 +23,7 @@ from pipeline.demo import DEMO_RANKS
 from pipeline.ds_config import batch_plan
 from pipeline.evaluate import evaluate_model
 from pipeline.models import build_model
-from pipeline.optim import lr_at, make_optimizer
+from pipeline.optim import make_optimizer, set_lr
 
 
 def train_steps(model: torch.nn.Module, cfg: ExperimentConfig, steps: int) -> list[float]:
@@ -35,8 +35,7 @@ def train_steps(model: torch.nn.Module, cfg: ExperimentConfig, steps: int) -> li
     model.train()
     losses = []
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg.train, step)
+        set_lr(optimizer, cfg.train, step)
         total = 0.0
         for micro in step_batches(batches, cfg.train, step, cfg.data.n_segments, plan.accum):
             loss = model(input_ids=micro.input_ids, labels=micro.labels).loss
