@@ -37,12 +37,19 @@ def param_groups(model: Any, weight_decay: float, memory_lr_scale: float = 1.0) 
             for (decays, is_memory), params in sorted(groups.items(), key=lambda item: (item[0][1], not item[0][0]))]
 
 
+def memory_lr_scale(train: TrainConfig) -> float:
+    """``train.memory_lr_scale``, which the experiment config resolves (its default depends on the curriculum)."""
+    if train.memory_lr_scale is None:
+        raise ValueError("train.memory_lr_scale is unresolved: take the train section of an ExperimentConfig")
+    return train.memory_lr_scale
+
+
 def set_lr(optimizer: Any, train: TrainConfig, step: int) -> float:
     """Set every group's LR for optimizer step ``step`` (the memory's groups at ``train.memory_lr_scale``
     times it, read from the config, not from a checkpoint's groups); returns the decoder's LR."""
     lr = lr_at(train, step)
     for group in optimizer.param_groups:
-        group["lr"] = lr * (train.memory_lr_scale if group.get("memory") else 1.0)
+        group["lr"] = lr * (memory_lr_scale(train) if group.get("memory") else 1.0)
     return lr
 
 
@@ -50,7 +57,7 @@ def make_optimizer(model: Any, train: TrainConfig, offload: bool = False) -> Any
     """torch AdamW (DeepSpeed's FusedAdam is never built), or DeepSpeedCPUAdam when ZeRO offloads
     the optimizer to the CPU (DeepSpeed requires it there). On CUDA torch's fused AdamW (one kernel
     for all parameters); on CPU the default, whose results the tests compare bit for bit."""
-    groups = param_groups(model, train.weight_decay, train.memory_lr_scale)
+    groups = param_groups(model, train.weight_decay, memory_lr_scale(train))
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: only ZeRO's optimizer offload uses it
 

@@ -179,8 +179,9 @@ class RecurrentMemory(MemoryKind):
     trained model with its memory reset at every segment costs 0.1-1% ppl in segments >= 1 after
     300 steps, 1.1-1.7% after 600.
 
-    The memory's own parameters (the initial memory, the write gain) train at 0.1x the decoder's LR
-    (``train.memory_lr_scale``, applied by the optimizer's param groups, not here). AdamW moves
+    Under that curriculum the memory's own parameters (the initial memory, the write gain) train at
+    0.1x the decoder's LR (``train.memory_lr_scale``, applied by the optimizer's param groups, not
+    here; on whole samples from the first step 0.1x is far worse and the default is 1x). AdamW moves
     every parameter by about the LR per step whatever its scale, and these start at the embedding
     std (0.02): at the decoder's LR they can outgrow the tokens they sit beside within tens of
     steps. Over three seeds (same KJV setting, 128-token segments) rmt at 1x is level with no

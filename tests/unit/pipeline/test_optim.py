@@ -124,3 +124,14 @@ def test_a_resume_across_the_memory_s_group_structure_is_one_line(tmp_path) -> N
     with pytest.raises(UserError) as refused:
         resume({"memory_lr_scale": 0.1}, "train.memory_lr_scale=1")
     assert "resume with --set train.memory_lr_scale=0.1," in str(refused.value)
+
+
+def test_the_memory_lr_scale_defaults_to_0_1_only_when_training_grows_from_chains() -> None:
+    from pipeline.config import load_config
+
+    assert load_config("configs/kjv.yaml").train.memory_lr_scale == 0.1  # auto curriculum, split
+    assert load_config("configs/kjv.yaml", ["train.curriculum=[]"]).train.memory_lr_scale == 1.0
+    assert load_config("configs/demo.yaml").train.memory_lr_scale == 1.0  # whole samples from step 0
+    assert load_config("configs/babilong-demo.yaml").train.memory_lr_scale == 1.0  # QA: never cut
+    assert load_config("configs/kjv.yaml", ["train.curriculum_split=false"]).train.memory_lr_scale == 1.0
+    assert load_config("configs/kjv.yaml", ["train.memory_lr_scale=0.5"]).train.memory_lr_scale == 0.5
