@@ -207,6 +207,13 @@ class MemoryConfig(Section):
         return self.kind == "armt" or (self.kind == "rmt" and self.num_tokens > 0)
 
 
+def separate_memory_groups(memory_lr_scale: float) -> bool:
+    """Whether the memory's own parameters get optimizer groups of their own (``optim.param_groups``):
+    only at a scale other than 1, so runs at 1 keep the two groups of runs that predate the setting.
+    A checkpoint's optimizer state fits only a run on the same side of this line."""
+    return memory_lr_scale != 1.0
+
+
 class CurriculumStage(Section):
     from_step: int = Field(ge=0)
     n_segments: int = Field(ge=1)

@@ -200,8 +200,6 @@ def offloads_optimizer(ds: dict[str, Any]) -> bool:
     return device not in (None, "none")
 
 
-
-
 def at_world_size(ds: dict[str, Any], world_size: int) -> dict[str, Any]:
     """A run's resolved JSON (its ``ds_config.json``) on ``world_size`` ranks that only evaluate: DeepSpeed
     checks ``train_batch_size = micro x accum x world`` at start, and the file holds the training's world."""

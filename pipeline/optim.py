@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from pipeline import launch
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, separate_memory_groups
 from pipeline.models.modeling_memtrain import memory_parameters
 
 
@@ -26,7 +26,7 @@ def param_groups(model: Any, weight_decay: float, memory_lr_scale: float = 1.0) 
     """Weight decay on matrices only (not on biases, norms or other vectors). With ``memory_lr_scale``
     other than 1 the memory's own parameters (``memory_parameters``) get groups of their own, marked
     ``memory`` for ``set_lr``; at 1 the groups are the two of runs that predate the setting."""
-    memory = {id(p) for p in memory_parameters(model)} if memory_lr_scale != 1.0 else set()
+    memory = {id(p) for p in memory_parameters(model)} if separate_memory_groups(memory_lr_scale) else set()
     groups: dict[tuple[bool, bool], list[Any]] = {}
     for param in model.parameters():
         if not param.requires_grad:

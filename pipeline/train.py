@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 
 from data_prep.atomic import write_bytes, write_text
 from pipeline import allocator, checkpoint, launch
-from pipeline.config import ExperimentConfig, config_from_args, load_config
+from pipeline.config import ExperimentConfig, config_from_args, load_config, separate_memory_groups
 from pipeline.ds_config import batch_plan, json_precision, resolve_ds_config, zero_stage
 from pipeline.engine import (
     ResumePoint, build_partitioned_model, leave_process_group, load_point, load_shards, local_weights_finite,
@@ -129,10 +129,10 @@ def check_same_run(cfg: ExperimentConfig, manifest: dict[str, Any]) -> None:
         if changed:
             raise UserError(f"train.output_dir {run.root} holds checkpoints of another model ({changed[0]}); "
                             "use a new train.output_dir")
-    # the memory's own optimizer groups exist only at a scale other than 1 (``optim.param_groups``);
     # the raw file: a run saved before the setting existed trained at 1, whatever today's default
     trained_at = float(yaml.safe_load(run.config.read_text()).get("train", {}).get("memory_lr_scale", 1.0))
-    if cfg.memory.has_parameters and (trained_at == 1.0) != (cfg.train.memory_lr_scale == 1.0):
+    if cfg.memory.has_parameters and \
+            separate_memory_groups(trained_at) != separate_memory_groups(cfg.train.memory_lr_scale):
         raise UserError(f"train.output_dir {run.root} trained with train.memory_lr_scale={trained_at:g}, and its "
                         f"optimizer state {'has no' if trained_at == 1.0 else 'has'} separate groups for the memory: "
                         f"resume with --set train.memory_lr_scale={trained_at:g}, or use a new train.output_dir")
