@@ -418,7 +418,11 @@ def read_checkpoint(path: str | Path) -> CheckpointInfo:
 
 def load_trained_model(path: str | Path) -> TrainedModel:
     """``train.output_dir`` (its latest checkpoint) or one tag dir -> the model eval and export work on."""
-    info = read_checkpoint(path)
+    return with_weights(read_checkpoint(path))
+
+
+def with_weights(info: CheckpointInfo) -> TrainedModel:
+    """The checkpoint ``info`` describes, with its full model (every rank's shards merged, one process)."""
     state_dict = consolidated_state_dict(info.tag_dir)
     check_finite(state_dict, info.tag_dir)
     model = build_from_state_dict(info.cfg, info.manifest, state_dict, RunDir.of(info.run_dir).model_config)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import launch
-from pipeline.checkpoint import CheckpointInfo, load_trained_model, read_checkpoint, universal_tag_dir
+from pipeline.checkpoint import CheckpointInfo, load_trained_model, read_checkpoint, universal_tag_dir, with_weights
 from pipeline.config import ExperimentConfig, apply_overrides, build_config, load_config
 from pipeline.ds_config import at_world_size, json_precision
 from pipeline.engine import (all_weights_finite, build_partitioned_model, leave_process_group, load_point, load_shards,
@@ -226,7 +226,7 @@ def eval_inputs(args: argparse.Namespace, run: CheckpointInfo) -> EvalInputs:
 
 def _consolidated(checkpoint: CheckpointInfo) -> "torch.nn.Module":
     """One process: the checkpoint's full model, consolidated, where and in the precision it trained."""
-    return place_like_training(load_trained_model(checkpoint.tag_dir).model, checkpoint.run_dir)
+    return place_like_training(with_weights(checkpoint).model, checkpoint.run_dir)
 
 
 def _checked(result: EvalResult, inputs: EvalInputs, every_rank: bool) -> EvalResult:
