@@ -287,17 +287,24 @@ def _eval_on_this_rank(args: argparse.Namespace) -> int:
     the process group, so that nothing it writes can leave a peer waiting)."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # thousands about all_gather_into_tensor
     dist_env = launch.setup()
-    try:
-        inputs = eval_inputs(args, read_checkpoint(args.checkpoint))
-        for checkpoint in filter(None, (inputs.run, inputs.baseline)):
-            check_loadable_on(checkpoint, dist_env.world_size)
-    except UserError as err:  # every rank checked the same files and failed alike: rank 0 says it
-        raise UserError(str(err), every_rank=True) from None
     import deepspeed  # lazy: seconds of import, off the CLI dispatch path
+    import deepspeed.comm as dist
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel("WARNING")
     deepspeed.init_distributed()
+    try:
+        inputs, problem = eval_inputs(args, read_checkpoint(args.checkpoint)), None
+        for checkpoint in filter(None, (inputs.run, inputs.baseline)):
+            check_loadable_on(checkpoint, dist_env.world_size)
+    except UserError as err:
+        problem = str(err)
+    # agreed before any rank exits: a rank leaving first would let the launcher end rank 0 before it says why
+    problems: list[str | None] = [None] * dist_env.world_size
+    dist.all_gather_object(problems, problem)
+    if any(problems):
+        leave_process_group()
+        raise UserError(next(p for p in problems if p), every_rank=True)
     try:
         result = _checked(_evaluate_sharded(inputs.run, inputs.cfg, inputs.dataset, dist_env), inputs, every_rank=True)
         if inputs.baseline is not None:
