@@ -14,14 +14,25 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 install: $(STAMP)
 
 # torch goes first so pip never pulls a CUDA build for the packages that depend on it.
-# The last step compiles DeepSpeed's CPU shared-memory comm op once (~30 s, cached in
-# ~/.cache/torch_extensions) so no test or demo pays for it.
+# The last step compiles DeepSpeed's CPU shared-memory comm op once (~1 min, cached in
+# ~/.cache/torch_extensions) so no test or demo pays for it. A build that outlasts 10 minutes
+# is stuck (a CI install once hung here until its 90-minute limit): its cache, where a stale
+# build lock would sit, is cleared and the build tried once more. Each step is timestamped.
+BUILD_DS_OP := $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
+DS_OP_TIMEOUT ?= 600
+TORCH_EXT_CACHE = $${TORCH_EXTENSIONS_DIR:-$$HOME/.cache/torch_extensions}
 $(STAMP): requirements.txt pyproject.toml
+	@date -u "+make install: %T venv"
 	python3 -m venv $(VENV)
+	@date -u "+make install: %T torch"
 	$(VENV)/bin/pip install --quiet "$$(grep '^torch==' requirements.txt)"
+	@date -u "+make install: %T requirements"
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
-	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
+	@date -u "+make install: %T DeepSpeed CPU comm op"
+	timeout $(DS_OP_TIMEOUT) $(BUILD_DS_OP) || { echo "make install: the DeepSpeed op build failed or hung; clearing $(TORCH_EXT_CACHE) and trying once more"; \
+	  rm -rf "$(TORCH_EXT_CACHE)"; timeout $(DS_OP_TIMEOUT) $(BUILD_DS_OP); }
+	@date -u "+make install: %T done"
 	touch $@
 
 demo: $(STAMP)
