@@ -49,11 +49,17 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	  else echo "make: the test suite needs the Debian packages: $(SYSTEM_PACKAGES) (sudo apt-get install them)"; exit 1; fi; }
 
+# Two pytest-xdist workers: most tests wait on process start-up and gloo between tiny 2-rank steps,
+# so two at a time fill the cores. Tests that share an expensive session fixture run on one worker
+# (--dist loadgroup, the groups in tests/conftest.py). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 # Real English text for configs/kjv.yaml: the 66 books of the King James Bible, one file each,
 # from the Debian package bible-kjv (`apt-get install bible-kjv`; .ci/run installs it).

@@ -27,6 +27,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# Session fixtures that cost a training run or a server (most expensive first): under pytest-xdist
+# (`make test` runs two workers with --dist loadgroup) every test using one of them goes to the same
+# worker, which builds it once. A test using several joins the first group listed.
+SHARED_FIXTURE_GROUPS = {
+    "trained_run": "shared_run", "exports": "shared_run",  # tests/integration/conftest.py
+    "slurm_cluster": "slurm",  # one local cluster (it edits /etc/hosts; its jobs want the cores)
+    "reference_run": "train_runs", "preempted_run": "train_runs",  # tests/integration/train/conftest.py
+    "mlflow_server": "mlflow_server",  # tests/integration/tracking/conftest.py
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = next((g for f, g in SHARED_FIXTURE_GROUPS.items() if f in item.fixturenames), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
