@@ -230,13 +230,14 @@ def stories_from_babi_qa(rows: Iterator[dict], task: str) -> Iterator[Story]:
                 yield Story(task, tuple(facts), text.strip(), answer.strip())
 
 
-def babi_qa_rows(source: str, task: str) -> Iterator[dict]:
-    """``hf:facebook/babi_qa`` (config ``en-10k-<task>``, train split) or a local .jsonl in that schema
-    (rows may carry a ``task`` field; rows of other tasks are skipped)."""
+def babi_qa_rows(source: str, task: str, streaming: bool = False) -> Iterator[dict]:
+    """``hf:facebook/babi_qa`` (config ``en-10k-<task>``, train split; downloaded once into the HF cache,
+    or streamed with ``streaming``: ``data.hf_streaming``) or a local .jsonl in that schema (rows may
+    carry a ``task`` field; rows of other tasks are skipped)."""
     if source.startswith("hf:"):
         import datasets  # lazy: only an hf: facts source needs it (seconds of import)
 
-        yield from datasets.load_dataset(source[3:], f"en-10k-{task}", split="train", streaming=True)
+        yield from datasets.load_dataset(source[3:], f"en-10k-{task}", split="train", streaming=streaming)
         return
     path = Path(source)
     if not path.is_file():

@@ -142,7 +142,7 @@ def _story_stream(data, task: str, needed: int) -> Iterator[Story]:
     if bl.facts is None:  # endless, but bounded here: a split fraction of 0 would never fill
         stream = generate_stories(task, data.seed, bl.min_facts, bl.max_facts)
         return (story for _, story in zip(range(200 * needed + 10_000), stream))
-    return stories_from_babi_qa(babi_qa_rows(bl.facts, task), task)
+    return stories_from_babi_qa(babi_qa_rows(bl.facts, task, data.hf_streaming), task)
 
 
 class SampleMaker:

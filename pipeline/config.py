@@ -87,8 +87,9 @@ class DataConfig(Section):
     text_field: str = "text"
     """Field holding the book text in JSONL/Parquet/hf records."""
     hf_streaming: bool = False
-    """An hf: source: false = downloaded once into the HF cache (HF_HOME; shared by every prep pass and array
-    task); true = streamed, no disk copy, but read in full by every pass and every array task."""
+    """An hf: source (and an hf: data.babilong.facts): false = downloaded once into the HF cache (HF_HOME;
+    shared by every prep pass and array task); true = streamed, no disk copy, but read in full by every
+    pass and every array task."""
     segment_len: int = Field(128, ge=8)
     n_segments: int = Field(8, ge=1)
     tail: Literal["drop", "pad"] = "drop"

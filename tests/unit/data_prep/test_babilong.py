@@ -165,18 +165,63 @@ def test_output_is_byte_identical_for_any_worker_count(tmp_path: Path, prepped: 
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
 
 
-def test_babi_qa_file_facts(tmp_path: Path) -> None:
+def babi_qa1_rows(n: int = 60) -> list[dict]:
+    """Rows in facebook/babi_qa's schema (its en-10k-qa1 config)."""
     rows = []
-    for i in range(60):
+    for i in range(n):
         place, other = PLACES[i % 6], PLACES[(i + 1) % 6]
         rows.append({"story": {"type": [0, 0, 1], "text": [f"Mary went to the {other}.", f"Mary moved to the {place}.",
                                                              "Where is Mary?"], "answer": ["", "", place]}})
+    return rows
+
+
+def prep_from_facts(root: Path, facts: str, *overrides: str) -> Path:
+    prepare(babilong_config(root, source="babilong:qa1", facts=facts, train_samples=4, val_samples=1,
+                            test_samples=1, lengths=[2], overrides=list(overrides)))
+    return root / "out"
+
+
+def test_babi_qa_file_facts(tmp_path: Path) -> None:
     facts = tmp_path / "babi.jsonl"
-    facts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prepare(babilong_config(tmp_path, source="babilong:qa1", facts=str(facts), train_samples=4, val_samples=1,
-                            test_samples=1, lengths=[2]))
-    split = open_split(tmp_path / "out", "train")
+    facts.write_text("".join(json.dumps(r) + "\n" for r in babi_qa1_rows()))
+    split = open_split(prep_from_facts(tmp_path, str(facts)), "train")
     assert set(split["target"]) <= set(PLACES) and split["question"] == ["Where is Mary?"] * 4
+
+
+HUB_CARD = """---
+configs:
+- config_name: en-10k-qa1
+  data_files:
+  - split: train
+    path: en-10k-qa1/train-*.parquet
+---
+"""
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hf_babi_qa_facts_are_downloaded_once_or_streamed(tmp_path: Path, monkeypatch, streaming: bool) -> None:
+    """``hf:facebook/babi_qa`` through the real loader: here a local folder laid out as that Hub repo (a
+    card naming the en-10k-qa1 config, Parquet rows in its schema). The same samples as the same rows
+    in a .jsonl; by default the rows land in the HF cache (read once, then from disk), with
+    data.hf_streaming they never do."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    repo = tmp_path / "babi_qa"
+    (repo / "en-10k-qa1").mkdir(parents=True)
+    (repo / "README.md").write_text(HUB_CARD)
+    pq.write_table(pa.Table.from_pylist(babi_qa1_rows()), repo / "en-10k-qa1" / "train-00000-of-00001.parquet")
+    from_hub = prep_from_facts(tmp_path / "hub", f"hf:{repo}", f"data.hf_streaming={str(streaming).lower()}")
+    jsonl = tmp_path / "babi.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in babi_qa1_rows()))
+    from_file = prep_from_facts(tmp_path / "file", str(jsonl))
+    for split in ("train", "val", "test"):
+        assert open_split(from_hub, split).to_dict() == open_split(from_file, split).to_dict(), split
+    cached = [p for p in cache.rglob("*.arrow")] if cache.exists() else []
+    assert bool(cached) is not streaming, cached
 
 
 # --- bad inputs: one line, exit code 2 ----------------------------------------------------------------
