@@ -3,6 +3,8 @@
 For rmt, armt, none and full (full only while the whole sample fits the positions), with and
 without segment checkpointing, n_segments in {1, 2, 4, 8, 16, 32}, all the same GPT-2-style size;
 plus rmt with segment checkpointing and the plain (unfused) LM head, which the backward recomputes;
+plus rmt with selective segment checkpointing (``model.checkpoint_policy=save_matmuls``: matmul and
+attention outputs kept, pointwise ops recomputed);
 plus the PyPI package recurrent-memory-transformer-pytorch at a matched size (dim, depth, heads,
 feed-forward, memory tokens, segment length, vocabulary; no XL memories, no hyper-connections) as a
 peer, with plain backprop and with its memory-replay backprop (its answer to checkpointing); plus armt
@@ -24,6 +26,7 @@ here with torch.mm on the same threads and the same clock.
 
     .venv/bin/python bench/model_step.py [--hidden 128 --layers 4 --segment-len 64 --memory 4 --threads 1]
     .venv/bin/python bench/model_step.py --armt-diag-only [--arch llama]   # just the armt schedules (a minute)
+    .venv/bin/python bench/model_step.py --ckpt-policy-only   # just rmt: no / full / selective checkpointing
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Spec:
     checkpointing: bool
     n_segments: int
     fused_head: bool = True
+    policy: str = "full"  # model.checkpoint_policy (with checkpointing)
     allocator: str = "project"  # "project" (memtrain's CPU-rank set-up) or "glibc"
     schedule: str | None = None  # armt's inference order: an eval forward at batch 1 instead of a training step
 
@@ -73,6 +77,7 @@ def _build_ours(spec: Spec, args: argparse.Namespace):
         f"model.num_layers={args.layers}", f"model.num_heads={args.heads}", f"model.max_positions={args.max_positions}",
         f"data.segment_len={args.segment_len}", f"data.n_segments={spec.n_segments}",
         f"memory.num_tokens={args.memory}", f"model.segment_checkpointing={str(spec.checkpointing).lower()}",
+        f"model.checkpoint_policy={spec.policy}",
         f"memory.armt_schedule={spec.schedule or 'sequential'}"])
     model = build_model(cfg, args.vocab, 1, 2, 0).train()
     model.config.fused_head = spec.fused_head
@@ -261,6 +266,8 @@ def main() -> None:
                              "multi-thread timings erratic)")
     parser.add_argument("--armt-diag-only", action="store_true",
                         help="only armt's inference in sequential and diagonal order")
+    parser.add_argument("--ckpt-policy-only", action="store_true",
+                        help="only rmt without, with full and with selective segment checkpointing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, argv = parser.parse_args(), [a for a in sys.argv[1:] if a != "--worker"]
     if args.worker:
@@ -273,14 +280,17 @@ def main() -> None:
     specs = [Spec(model, ckpt, n) for model in (*KINDS, "peer") for ckpt in (False, True) for n in SEGMENTS
              if model != "full" or n * args.segment_len <= args.max_positions]
     specs += [Spec("rmt", True, n, fused_head=False) for n in SEGMENTS]
+    policy_specs = [Spec("rmt", ckpt, n) for ckpt in (False, True) for n in SEGMENTS]
+    policy_specs += [Spec("rmt", True, n, policy="save_matmuls") for n in SEGMENTS]
+    specs += policy_specs[2 * len(SEGMENTS):]
     specs += [Spec("rmt", True, n, allocator="glibc") for n in RSS_SEGMENTS]
     diag_specs = [Spec("armt", False, n, schedule=schedule) for n in DIAG_SEGMENTS for schedule in SCHEDULES]
-    specs = diag_specs if args.armt_diag_only else specs + diag_specs
+    specs = diag_specs if args.armt_diag_only else policy_specs if args.ckpt_policy_only else specs + diag_specs
     print(f"size: {args.arch} d={args.hidden} x{args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
           f"segment {args.segment_len}, memory {args.memory}, batch {args.batch}; {args.threads} threads, "
           f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; project allocator set-up: {alloc.describe()}")
     if not args.armt_diag_only:
-        print(f"{'model':<6}{'ckpt':>6}{'head':>7}{'alloc':>9}{'n_seg':>7}{'tokens':>8}{'step s':>9}{'tok/s':>9}"
+        print(f"{'model':<6}{'ckpt':>13}{'head':>7}{'alloc':>9}{'n_seg':>7}{'tokens':>8}{'step s':>9}{'tok/s':>9}"
               f"{'peak MB':>9}")
     results = {}
     try:
@@ -290,7 +300,7 @@ def main() -> None:
                 continue
             tokens = args.batch * spec.n_segments * args.segment_len
             head = "-" if spec.model == "peer" else "fused" if spec.fused_head else "plain"
-            print(f"{spec.model:<6}{'on' if spec.checkpointing else 'off':>6}{head:>7}{spec.allocator:>9}"
+            print(f"{spec.model:<6}{spec.policy if spec.checkpointing else 'off':>13}{head:>7}{spec.allocator:>9}"
                   f"{spec.n_segments:>7}{tokens:>8}{result['step_s']:>9.3f}{tokens / result['step_s']:>9.0f}"
                   f"{result['peak_mb']:>9.0f}", flush=True)
     finally:
@@ -298,17 +308,25 @@ def main() -> None:
             proc.stdin.close()
             proc.wait()
 
-    diag = armt_schedules(results, args)
     if args.armt_diag_only:
-        print(f"RESULT {diag}")
+        print(f"RESULT {armt_schedules(results, args)}")
         return
 
-    def total_time(model: str, ckpt: bool, fused: bool = True) -> float:
-        return sum(results[Spec(model, ckpt, n, fused)]["step_s"] for n in SEGMENTS)
+    def total_time(model: str, ckpt: bool, fused: bool = True, policy: str = "full") -> float:
+        return sum(results[Spec(model, ckpt, n, fused, policy)]["step_s"] for n in SEGMENTS)
 
-    def rss_ratio(allocator: str) -> float:
-        low, high = (results[Spec("rmt", True, n, allocator=allocator)]["peak_mb"] for n in RSS_SEGMENTS)
+    def peak_ratio(**spec_fields: str) -> float:
+        """rmt's peak memory at the most segments over the fewest (checkpointed; Spec's defaults unless given)."""
+        low, high = (results[Spec("rmt", True, n, **spec_fields)]["peak_mb"] for n in RSS_SEGMENTS)
         return high / low
+
+    policies = (f"selective_vs_full_ckpt_tok_s={total_time('rmt', True) / total_time('rmt', True, policy='save_matmuls'):.3f} "
+                f"selective_vs_nockpt_tok_s={total_time('rmt', False) / total_time('rmt', True, policy='save_matmuls'):.3f} "
+                f"selective_peak_ratio_32_vs_2={peak_ratio(policy='save_matmuls'):.3f} full_peak_ratio_32_vs_2={peak_ratio():.3f}")
+    if args.ckpt_policy_only:
+        print(f"RESULT ckpt_vs_nockpt_tok_s={total_time('rmt', False) / total_time('rmt', True):.3f} {policies}")
+        return
+    diag = armt_schedules(results, args)
 
     tokens_all = args.batch * args.segment_len * sum(SEGMENTS)
     full_max = max(n for n in SEGMENTS if n * args.segment_len <= args.max_positions)
@@ -323,10 +341,10 @@ def main() -> None:
           f"{tokens_all / total_time('rmt', True, fused=False):.0f} with the plain head; "
           f"peer {tokens_all / total_time('peer', False):.0f} (memory-replay {tokens_all / total_time('peer', True):.0f}); "
           f"full at {full_max} segments is the widest sample the {args.max_positions} positions allow")
-    print(f"RESULT rss_ratio_32_vs_2_default={rss_ratio('project'):.3f} rss_ratio_32_vs_2_glibc={rss_ratio('glibc'):.3f} "
+    print(f"RESULT rss_ratio_32_vs_2_default={peak_ratio():.3f} rss_ratio_32_vs_2_glibc={peak_ratio(allocator='glibc'):.3f} "
           f"ckpt_vs_nockpt_tok_s={ckpt_vs_nockpt:.3f} fused_vs_plain_ckpt_tok_s={fused_vs_plain:.3f} "
           f"rmt_vs_none_time={rmt_vs_none:.3f} rmt_vs_peer_tok_s={rmt_vs_peer:.3f} "
-          f"full_vs_rmt_time_at_max={full_vs_rmt:.3f} mfu={mfu:.3f} {diag}")
+          f"full_vs_rmt_time_at_max={full_vs_rmt:.3f} mfu={mfu:.3f} {policies} {diag}")
 
 
 if __name__ == "__main__":

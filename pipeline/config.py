@@ -169,6 +169,11 @@ class ModelConfig(Section):
     """Recompute each decoder layer in the backward pass (HF activation checkpointing, non-reentrant)."""
     segment_checkpointing: bool = True
     """Recompute each segment in the backward pass: activation memory stays flat as n_segments grows."""
+    checkpoint_policy: Literal["full", "save_matmuls"] = "full"
+    """What segment checkpointing recomputes. ``full``: the whole segment (activation memory flat in
+    n_segments). ``save_matmuls``: torch's selective checkpointing keeps the outputs of the matmuls
+    and attention (most of a segment's FLOPs) and recomputes only the pointwise ops: a cheaper
+    backward, and activation memory that grows with n_segments by those outputs."""
 
     @model_validator(mode="after")
     def _lora_needs_a_base(self) -> "ModelConfig":

@@ -75,7 +75,8 @@ def memory_config(cfg: ExperimentConfig, vocab_size: int,
             segment_len=cfg.data.segment_len, bptt_depth=memory.bptt_depth, memory_write=memory.write,
             armt_nu=memory.armt_nu, armt_d_mem=memory.armt_d_mem or min(DEFAULT_ARMT_D_MEM, hidden),
             armt_schedule=memory.armt_schedule,
-            memory_init_std=init_std, segment_checkpointing=cfg.model.segment_checkpointing, vocab_size=vocab_size,
+            memory_init_std=init_std, segment_checkpointing=cfg.model.segment_checkpointing,
+            checkpoint_policy=cfg.model.checkpoint_policy, vocab_size=vocab_size,
             **token_ids)
         memory_kind(config, cfg.data.sample_len)
     except ValueError as err:

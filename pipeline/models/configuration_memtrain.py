@@ -5,6 +5,8 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+CHECKPOINT_POLICIES = ("full", "save_matmuls")
+
 
 class MemoryModelConfig(PretrainedConfig):
     """A base decoder config (``decoder_config``, any HF causal LM) plus the memory around it.
@@ -30,6 +32,8 @@ class MemoryModelConfig(PretrainedConfig):
     memory_init_std: std of the learned memory tokens; None = the decoder's ``initializer_range``.
     segment_checkpointing: recompute each segment in the backward pass (activation memory stays
         flat in the number of segments).
+    checkpoint_policy: what segment checkpointing recomputes: ``full`` (everything) or
+        ``save_matmuls`` (keeps matmul and attention outputs, recomputes the pointwise ops).
     fused_head: compute the LM head's loss and gradients in one chunked pass (no full logits, no
         head recompute under segment checkpointing); False = plain logits + cross-entropy.
     """
@@ -48,6 +52,7 @@ class MemoryModelConfig(PretrainedConfig):
     armt_schedule: str = "sequential"
     memory_init_std: float | None = None
     segment_checkpointing: bool = False
+    checkpoint_policy: str = "full"
     fused_head: bool = True
     vocab_size: int | None = None
     bos_token_id: int | None = None
@@ -58,6 +63,8 @@ class MemoryModelConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
         if self.segment_len < 1 or self.num_memory_tokens < 0 or self.bptt_depth < -1 or self.armt_nu < 1:
             raise ValueError("segment_len >= 1, num_memory_tokens >= 0, bptt_depth >= -1 and armt_nu >= 1 are required")
+        if self.checkpoint_policy not in CHECKPOINT_POLICIES:
+            raise ValueError(f"checkpoint_policy must be one of {CHECKPOINT_POLICIES}, got {self.checkpoint_policy!r}")
         for name in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(self.decoder_config, name))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -584,14 +584,37 @@ def head_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor
     return (nll.sum(), count, nll) if per_token else (nll.sum(), count)
 
 
-def _maybe_checkpoint(enabled: bool, fn: Callable, *args):
-    return checkpoint(fn, *args, use_reentrant=False) if enabled else fn(*args)
+# what checkpoint_policy="save_matmuls" keeps: the ops that hold most of a segment's FLOPs (linear
+# layers lower to mm/addmm, GPT-2's Conv1D to addmm, eager attention to bmm/baddbmm, SDPA to its kernels)
+MATMUL_OPS = frozenset({
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+})
+
+
+def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in MATMUL_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _maybe_checkpoint(policy: str | None, fn: Callable, *args):
+    """``fn(*args)``, checkpointed unless ``policy`` is None; ``save_matmuls`` recomputes only the
+    pointwise ops in the backward (torch's selective activation checkpointing)."""
+    if policy is None:
+        return fn(*args)
+    if policy == "save_matmuls":
+        return checkpoint(fn, *args, use_reentrant=False,
+                          context_fn=lambda: create_selective_checkpoint_contexts(_save_matmuls))
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 class SegmentLoss:
-    """Collects (NLL sum, count[, per-position NLL]) per segment and stacks them into SegmentStats."""
+    """Collects (NLL sum, count[, per-position NLL]) per segment and stacks them into SegmentStats.
+    ``checkpointing``: the checkpoint policy of an unfused head's loss, None for none."""
 
-    def __init__(self, head: Callable, fused: bool, checkpointing: bool, per_token: bool):
+    def __init__(self, head: Callable, fused: bool, checkpointing: str | None, per_token: bool):
         self.head, self.checkpointing, self.per_token = head, checkpointing, per_token
         self.grads = HeadGradients() if fused and isinstance(head, nn.Linear) else None
         self.nll, self.counts, self.token_nll = [], [], []
@@ -624,8 +647,9 @@ def _spans(total: int, step_len: int) -> list[tuple[int, int]]:
 
 
 def run_segments(memory: MemoryKind, backbone: nn.Module, loss: SegmentLoss, embeds: torch.Tensor,
-                 targets: torch.Tensor, bptt_depth: int, checkpointing: bool) -> SegmentStats:
-    """Loss statistics of a recurrent pass over ``embeds`` [B, T, d] (the last segment may be short)."""
+                 targets: torch.Tensor, bptt_depth: int, checkpointing: str | None) -> SegmentStats:
+    """Loss statistics of a recurrent pass over ``embeds`` [B, T, d] (the last segment may be short);
+    ``checkpointing``: the checkpoint policy of each segment step, None for none."""
     batch = embeds.shape[0]
     spans = _spans(embeds.shape[1], memory.step_len(embeds.shape[1]))
     truncated = memory.carries_state and torch.is_grad_enabled() and 0 <= bptt_depth < len(spans) - 1
@@ -838,7 +862,7 @@ class MemoryModelForCausalLM(PreTrainedModel, GenerationMixin):
     def _loss(self, embeds: torch.Tensor, targets: torch.Tensor, per_token: bool,
               num_items_in_batch: int | torch.Tensor | None) -> MemoryModelOutput:
         cfg, backbone, head = self.config, self.decoder.base_model, self.get_output_embeddings()
-        checkpointing = cfg.segment_checkpointing and torch.is_grad_enabled()
+        checkpointing = cfg.checkpoint_policy if cfg.segment_checkpointing and torch.is_grad_enabled() else None
         loss = SegmentLoss(head, cfg.fused_head, checkpointing, per_token)
         if self.memory.one_pass(backbone, embeds.shape[1]):
             stats = run_whole(self.memory, backbone, loss, embeds, targets, cfg.segment_len)

@@ -18,7 +18,8 @@ from pipeline.models import build_model
 STEPS, GLOBAL_BATCH, LR, GRAD_CLIP = 3, 4, 2e-2, 0.5
 TOKEN_IDS = {"vocab_size": 53, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 BASE = as_overrides(tiny_tree("zero3"))  # as --set items: the ranks' script rebuilds the config from them
-MODELS = {"rmt_gpt2": ["memory.kind=rmt", "model.arch=gpt2"], "armt_llama": ["memory.kind=armt", "model.arch=llama"]}
+MODELS = {"rmt_gpt2": ["memory.kind=rmt", "model.arch=gpt2"], "armt_llama": ["memory.kind=armt", "model.arch=llama"],
+          "rmt_llama_selective": ["memory.kind=rmt", "model.arch=llama", "model.checkpoint_policy=save_matmuls"]}
 
 
 def plain_pytorch_losses(overrides: list[str], batches: torch.Tensor, state_path: Path) -> list[float]:

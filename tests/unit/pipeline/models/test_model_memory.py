@@ -1,12 +1,14 @@
-"""Memory semantics: exact truncated BPTT per segment pair, checkpointing equivalence, ARMT state."""
+"""Memory semantics: exact truncated BPTT per segment pair, checkpointing equivalence (and what selective
+checkpointing saves), ARMT state."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from model_support import SEGMENT_LEN, random_ids, tiny_model
 
-from pipeline.models.modeling_memtrain import AssociativeLayer
+from pipeline.models.modeling_memtrain import MATMUL_OPS, AssociativeLayer
 
 N_SEGMENTS = 5
 
@@ -54,6 +56,9 @@ def test_checkpointing_gives_the_same_loss_and_gradients(kind, depth, write):
     assert len(reference) == len(list(model.parameters()))
     model.config.segment_checkpointing = True
     variants = [grads_of(model, ids)]
+    model.config.checkpoint_policy = "save_matmuls"
+    variants.append(grads_of(model, ids))
+    model.config.checkpoint_policy = "full"
     layered = tiny_model(kind, "gpt2", f"memory.bptt_depth={depth}", f"memory.write={write}",
                          "model.layer_checkpointing=true").train()
     assert all(layer.gradient_checkpointing for layer in layered.decoder.base_model.modules()
@@ -63,6 +68,38 @@ def test_checkpointing_gives_the_same_loss_and_gradients(kind, depth, write):
         torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-6)
         for name, grad in reference.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class MatmulCounter(TorchDispatchMode):
+    """Counts the matmul and attention ops (MATMUL_OPS) dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in MATMUL_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def backward_matmuls(model, ids) -> int:
+    out = model(ids, labels=ids)
+    with MatmulCounter() as counter:
+        out.loss.backward()
+    return counter.count
+
+
+@pytest.mark.parametrize("kind,arch", [("rmt", "gpt2"), ("armt", "llama"), ("rmt", "llama")])
+def test_save_matmuls_recomputes_no_matmul_in_the_backward(kind, arch):
+    ids = random_ids(2, 4)
+    model = tiny_model(kind, arch).train()
+    counts = {}
+    for setting in ("off", "full", "save_matmuls"):
+        model.config.segment_checkpointing = setting != "off"
+        model.config.checkpoint_policy = "full" if setting == "off" else setting
+        counts[setting] = backward_matmuls(model, ids)
+    # the backward's own matmuls (the gradients) as without checkpointing; full recomputes the forward's too
+    assert counts["save_matmuls"] == counts["off"] < counts["full"], counts
 
 
 def test_armt_state_is_reset_every_forward_and_never_saved():

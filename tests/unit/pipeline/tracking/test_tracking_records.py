@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
+import pytest
+
 from pipeline.config import load_config
 from pipeline.evaluate import EvalResult, NllRow
 from pipeline.tracking import METRICS_PER_REQUEST, NullTracker, _next_batch, _Spool, eval_metrics, final_curves, start_tracking
@@ -56,3 +58,17 @@ def test_spool_keeps_a_header_and_drops_a_torn_last_line(tmp_path) -> None:
     assert [r["step"] for r in _Spool.read(spool.path)[1]] == [3, 4]
     reopened.clear()
     assert _Spool.read(spool.path) == (header, [])
+
+
+def test_the_gpu_system_metrics_monitor_has_its_library() -> None:
+    """MLflow's system metrics log GPUs only where pynvml (nvidia-ml-py, a memtrain dependency) imports;
+    without it MLflow skips them with a debug line, which a cluster user never sees. Here, without a
+    GPU, the monitor gets as far as NVML itself."""
+    import torch
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+    if torch.cuda.is_available():
+        assert GPUMonitor().num_gpus == torch.cuda.device_count()
+    else:
+        with pytest.raises(RuntimeError, match="NVML"):  # not ImportError: the library is there
+            GPUMonitor()
