@@ -49,11 +49,11 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	  else echo "make: the test suite needs the Debian packages: $(SYSTEM_PACKAGES) (sudo apt-get install them)"; exit 1; fi; }
 
-# Two pytest-xdist workers: most tests wait on process start-up and gloo between tiny 2-rank steps,
+# Two pytest-xdist workers: many tests wait on process start-up and gloo between tiny 2-rank steps,
 # so two at a time fill the cores. Tests that share an expensive session fixture run on one worker
-# (--dist loadgroup, the groups in tests/conftest.py). TEST_WORKERS=0 runs them in this process.
+# (the scheduler in tests/conftest.py). TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS)
 
 test: $(STAMP) system-deps
 	$(PYTEST) $(PYTEST_ARGS)

@@ -27,23 +27,45 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-# Session fixtures that cost a training run or a server (most expensive first): under pytest-xdist
-# (`make test` runs two workers with --dist loadgroup) every test using one of them goes to the same
-# worker, which builds it once. A test using several joins the first group listed.
-SHARED_FIXTURE_GROUPS = {
-    "trained_run": "shared_run", "exports": "shared_run",  # tests/integration/conftest.py
-    "slurm_cluster": "slurm",  # one local cluster (it edits /etc/hosts; its jobs want the cores)
-    "reference_run": "train_runs", "preempted_run": "train_runs",  # tests/integration/train/conftest.py
-    "mlflow_server": "mlflow_server",  # tests/integration/tracking/conftest.py
+# Session fixtures that cost a training run or a cluster. `make test` runs two pytest-xdist workers,
+# each with its own session: the tests that use one of these are kept on one worker, which builds it
+# once, by the scheduler below (xdist's own --dist loadgroup cannot do it under pytest 9: it renames
+# items through Item._nodeid, which no longer exists). The local SLURM cluster must not run twice
+# (it edits /etc/hosts). Every other file is one unit of work, as with --dist loadfile.
+XDIST_GROUPS: dict[str, tuple[str, ...]] = {
+    "slurm": ("tests/integration/slurm/",),
+    "shared_run": ("tests/integration/demo/test_demo.py", "tests/integration/evaluate/",
+                   "tests/integration/export/", "tests/integration/tracking/test_checkpoint_run_records.py"),
+    "train_runs": ("tests/integration/train/test_train_bf16.py", "tests/integration/train/test_train_zero3.py",
+                   "tests/integration/train/test_train_reliability.py"),
 }
+GROUPED_FIXTURES = {"slurm_cluster": "slurm", "trained_run": "shared_run", "exports": "shared_run",
+                    "reference_run": "train_runs", "preempted_run": "train_runs"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def xdist_group(nodeid: str) -> str:
+    """The unit of work a test belongs to: its group, else its file."""
+    path = nodeid.split("::", 1)[0]
+    return next((group for group, prefixes in XDIST_GROUPS.items() if path.startswith(prefixes)), path)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    from xdist.scheduler import LoadFileScheduling  # lazy: only a run with -n N imports xdist's scheduler
+
+    class GroupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test using a grouped fixture from a file outside its group would build it on a second worker."""
     for item in items:
-        group = next((g for f, g in SHARED_FIXTURE_GROUPS.items() if f in item.fixturenames), None)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
+        for fixture, group in GROUPED_FIXTURES.items():
+            if fixture in item.fixturenames and xdist_group(item.nodeid) != group:
+                raise pytest.UsageError(f"{item.nodeid} uses the session fixture {fixture}: add its file to "
+                                        f"XDIST_GROUPS[{group!r}] in tests/conftest.py")
 
 
 @pytest.fixture(scope="session")
