@@ -49,6 +49,7 @@ def xdist_group(nodeid: str) -> str:
     return next((group for group, prefixes in XDIST_GROUPS.items() if path.startswith(prefixes)), path)
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown when pytest runs without xdist (-p no:xdist)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     from xdist.scheduler import LoadFileScheduling  # lazy: only a run with -n N imports xdist's scheduler
 

@@ -25,6 +25,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class PortTaken(RuntimeError):
+    """The free port picked for the server was taken (by another test's process) before it bound it."""
+
+
 class MlflowServer:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -34,7 +38,9 @@ class MlflowServer:
 
     def start(self, timeout_s: float = 300.0) -> None:
         """Start it and wait for /health (~6 s on an idle 2-core machine; minutes when it is shared)."""
-        log = (self.root / "server.log").open("a")
+        log_path = self.root / "server.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        log = log_path.open("a")
         # a session of its own, so kill() can end the server and the workers it forks by its PID
         self.proc = subprocess.Popen(
             [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
@@ -44,7 +50,9 @@ class MlflowServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+                output = log_path.read_text()[offset:]
+                error = PortTaken if "address already in use" in output else RuntimeError
+                raise error(f"mlflow server exited: {output[-2000:]}")
             try:
                 with urllib.request.urlopen(self.uri + "/health", timeout=1):
                     return
@@ -54,8 +62,12 @@ class MlflowServer:
         raise RuntimeError(f"mlflow server not ready after {timeout_s} s")
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """End the server and the workers it forked (its session), also after the server itself exited."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait()
         self.proc = None
 
@@ -67,7 +79,15 @@ def unused_port() -> int:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
-    server.start()
+    root = tmp_path_factory.mktemp("mlflow_server")
+    for attempt in range(5):  # under two xdist workers another test's process can take the port first
+        server = MlflowServer(root)
+        try:
+            server.start()
+            break
+        except PortTaken:
+            server.kill()
+            if attempt == 4:
+                raise
     yield server
     server.kill()
