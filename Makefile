@@ -49,10 +49,12 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	  else echo "make: the test suite needs the Debian packages: $(SYSTEM_PACKAGES) (sudo apt-get install them)"; exit 1; fi; }
 
-# Two pytest-xdist workers: many tests wait on process start-up and gloo between tiny 2-rank steps,
-# so two at a time fill the cores. Tests that share an expensive session fixture run on one worker
-# (the scheduler in tests/conftest.py). TEST_WORKERS=0 runs them in this process.
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2 runs two pytest-xdist workers (a 2-core machine: 23 min instead of 33): many tests
+# wait on process start-up and gloo between tiny 2-rank steps. Tests that share an expensive session
+# fixture run on one worker (the scheduler in tests/conftest.py). The default stays one process until
+# the tests that pick a free port and bind it later (SLURM cluster, single-rank runs) cannot race
+# the other worker for it: the kernel offers a just-freed port to the next bind(0) caller.
+TEST_WORKERS ?= 0
 PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS)
 
 test: $(STAMP) system-deps

@@ -27,8 +27,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-# Session fixtures that cost a training run or a cluster. `make test` runs two pytest-xdist workers,
-# each with its own session: the tests that use one of these are kept on one worker, which builds it
+# Session fixtures that cost a training run or a cluster. `make test TEST_WORKERS=2` runs two
+# pytest-xdist workers, each with its own session: the tests that use one of these are kept on one worker, which builds it
 # once, by the scheduler below (xdist's own --dist loadgroup cannot do it under pytest 9: it renames
 # items through Item._nodeid, which no longer exists). The local SLURM cluster must not run twice
 # (it edits /etc/hosts). Every other file is one unit of work, as with --dist loadfile.
