@@ -280,12 +280,16 @@ def main() -> None:
     specs = [Spec(model, ckpt, n) for model in (*KINDS, "peer") for ckpt in (False, True) for n in SEGMENTS
              if model != "full" or n * args.segment_len <= args.max_positions]
     specs += [Spec("rmt", True, n, fused_head=False) for n in SEGMENTS]
-    policy_specs = [Spec("rmt", ckpt, n) for ckpt in (False, True) for n in SEGMENTS]
-    policy_specs += [Spec("rmt", True, n, policy="save_matmuls") for n in SEGMENTS]
-    specs += policy_specs[2 * len(SEGMENTS):]
+    selective = [Spec("rmt", True, n, policy="save_matmuls") for n in SEGMENTS]
+    specs += selective
     specs += [Spec("rmt", True, n, allocator="glibc") for n in RSS_SEGMENTS]
     diag_specs = [Spec("armt", False, n, schedule=schedule) for n in DIAG_SEGMENTS for schedule in SCHEDULES]
-    specs = diag_specs if args.armt_diag_only else policy_specs if args.ckpt_policy_only else specs + diag_specs
+    if args.armt_diag_only:
+        specs = diag_specs
+    elif args.ckpt_policy_only:  # rmt without and with full checkpointing (also in specs), then selective
+        specs = [Spec("rmt", ckpt, n) for ckpt in (False, True) for n in SEGMENTS] + selective
+    else:
+        specs += diag_specs
     print(f"size: {args.arch} d={args.hidden} x{args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
           f"segment {args.segment_len}, memory {args.memory}, batch {args.batch}; {args.threads} threads, "
           f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; project allocator set-up: {alloc.describe()}")

@@ -165,6 +165,11 @@ def test_output_is_byte_identical_for_any_worker_count(tmp_path: Path, prepped: 
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
 
 
+def babi_qa1_jsonl(path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in babi_qa1_rows()))
+    return path
+
+
 def babi_qa1_rows(n: int = 60) -> list[dict]:
     """Rows in facebook/babi_qa's schema (its en-10k-qa1 config)."""
     rows = []
@@ -182,9 +187,7 @@ def prep_from_facts(root: Path, facts: str, *overrides: str) -> Path:
 
 
 def test_babi_qa_file_facts(tmp_path: Path) -> None:
-    facts = tmp_path / "babi.jsonl"
-    facts.write_text("".join(json.dumps(r) + "\n" for r in babi_qa1_rows()))
-    split = open_split(prep_from_facts(tmp_path, str(facts)), "train")
+    split = open_split(prep_from_facts(tmp_path, str(babi_qa1_jsonl(tmp_path / "babi.jsonl"))), "train")
     assert set(split["target"]) <= set(PLACES) and split["question"] == ["Where is Mary?"] * 4
 
 
@@ -215,12 +218,10 @@ def test_hf_babi_qa_facts_are_downloaded_once_or_streamed(tmp_path: Path, monkey
     (repo / "README.md").write_text(HUB_CARD)
     pq.write_table(pa.Table.from_pylist(babi_qa1_rows()), repo / "en-10k-qa1" / "train-00000-of-00001.parquet")
     from_hub = prep_from_facts(tmp_path / "hub", f"hf:{repo}", f"data.hf_streaming={str(streaming).lower()}")
-    jsonl = tmp_path / "babi.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in babi_qa1_rows()))
-    from_file = prep_from_facts(tmp_path / "file", str(jsonl))
+    from_file = prep_from_facts(tmp_path / "file", str(babi_qa1_jsonl(tmp_path / "babi.jsonl")))
     for split in ("train", "val", "test"):
         assert open_split(from_hub, split).to_dict() == open_split(from_file, split).to_dict(), split
-    cached = [p for p in cache.rglob("*.arrow")] if cache.exists() else []
+    cached = list(cache.rglob("*.arrow"))  # none (and no folder) when streamed
     assert bool(cached) is not streaming, cached
 
 
