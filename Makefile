@@ -49,12 +49,11 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	  else echo "make: the test suite needs the Debian packages: $(SYSTEM_PACKAGES) (sudo apt-get install them)"; exit 1; fi; }
 
-# TEST_WORKERS=2 runs two pytest-xdist workers (a 2-core machine: 23 min instead of 33): many tests
-# wait on process start-up and gloo between tiny 2-rank steps. Tests that share an expensive session
-# fixture run on one worker (the scheduler in tests/conftest.py). The default stays one process until
-# the tests that pick a free port and bind it later (SLURM cluster, single-rank runs) cannot race
-# the other worker for it: the kernel offers a just-freed port to the next bind(0) caller.
-TEST_WORKERS ?= 0
+# Two pytest-xdist workers by default (a 2-core machine: ~23 min instead of 33): many tests wait on
+# process start-up and gloo between tiny 2-rank steps. Tests that share an expensive session fixture
+# run on one worker (the scheduler in tests/conftest.py); servers the tests start take ports outside
+# the kernel's bind(0) range (tests/support/ports.py). TEST_WORKERS=0 runs one process.
+TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS)
 
 test: $(STAMP) system-deps

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -97,8 +96,9 @@ def detect(environ: Mapping[str, str] = os.environ) -> DistEnv:
             master_addr=environ.get("MASTER_ADDR") or slurm_master(environ),
             master_port=int(port), launcher="srun",
         )
-    return DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1",
-                   master_port=free_port(), launcher="none")
+    # port 0: the one rank's store binds a port the kernel picks at that moment. A port picked here
+    # and bound seconds later (after DeepSpeed's import) could meanwhile go to another process.
+    return DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=0, launcher="none")
 
 
 def _mpi(environ: Mapping[str, str]) -> DistEnv | None:
@@ -152,12 +152,6 @@ def first_host(nodelist: str) -> str:
     prefix, ranges, suffix = match.groups()
     first = ranges.split(",")[0].split("-")[0] if ranges else ""
     return f"{prefix}{first}{suffix}"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _slurm_ntasks(environ: Mapping[str, str]) -> int | None:

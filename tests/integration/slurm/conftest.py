@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from ports import free_ports
 from processes import memtrain
 from tiny import experiment, merged, write_experiment
 
@@ -41,25 +41,6 @@ SLURM_TINY: dict[str, Any] = {
               # on CPU DeepSpeed needs DS_ACCELERATOR=cpu
               "setup": [f"export PATH=$PATH:{Path(sys.executable).parent}", "export DS_ACCELERATOR=cpu"]},
 }
-
-
-def free_ports(count: int) -> int:
-    """First of ``count`` consecutive free ports on 127.0.0.1 (slurmctld, then one slurmd per node),
-    so the test cluster never collides with a SLURM the machine already runs."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = probe.getsockname()[1]
-        if first + count > 65535:
-            continue
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 class Cluster:

@@ -15,19 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.launch import free_port
+from ports import free_ports
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-
-
-class PortTaken(RuntimeError):
-    """The free port picked for the server was taken (by another test's process) before it bound it."""
 
 
 class MlflowServer:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = free_port()
+        self.port = free_ports()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -45,9 +41,7 @@ class MlflowServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                output = log_path.read_text()[offset:]
-                error = PortTaken if "address already in use" in output else RuntimeError
-                raise error(f"mlflow server exited: {output[-2000:]}")
+                raise RuntimeError(f"mlflow server exited: {log_path.read_text()[offset:][-2000:]}")
             try:
                 with urllib.request.urlopen(self.uri + "/health", timeout=1):
                     return
@@ -69,20 +63,13 @@ class MlflowServer:
 
 @pytest.fixture
 def unused_port() -> int:
-    return free_port()
+    return free_ports()
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("mlflow_server")
-    for attempt in range(5):  # under two xdist workers another test's process can take the port first
-        server = MlflowServer(root)
-        try:
-            server.start()
-            break
-        except PortTaken:
-            server.kill()
-            if attempt == 4:
-                raise
+    server = MlflowServer(root)
+    server.start()
     yield server
     server.kill()

@@ -1,4 +1,8 @@
+import subprocess
+import sys
+
 import pytest
+from processes import process_env
 
 from pipeline.errors import UserError
 from pipeline.launch import detect, first_host, setup, under_launcher
@@ -32,8 +36,28 @@ def test_first_host_of_compressed_node_lists() -> None:
 
 def test_no_launcher_is_rank_zero_of_one_on_a_free_port() -> None:
     got = detect({})
-    assert (got.rank, got.world_size, got.master_addr) == (0, 1, "127.0.0.1") and got.master_port > 0
+    assert (got.rank, got.world_size, got.master_addr, got.master_port) == (0, 1, "127.0.0.1", 0)
     assert not under_launcher({}) and under_launcher({"RANK": "0", "WORLD_SIZE": "1"})
+
+
+def test_a_single_rank_binds_its_port_when_its_store_starts() -> None:
+    """Port 0 reaches torch's env:// rendezvous, whose store binds the port the kernel picks then."""
+    code = """
+import torch, torch.distributed as dist
+from pipeline.launch import setup
+setup({})
+dist.init_process_group("gloo")
+total = torch.ones(1)
+dist.all_reduce(total)
+store = dist.distributed_c10d._get_default_store()
+while not hasattr(store, "port"):
+    store = store.underlying_store
+print(dist.get_world_size(), total.item(), store.port)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=process_env(), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    world, total, port = out.stdout.split()
+    assert (world, total) == ("1", "1.0") and int(port) > 0
 
 
 def test_inconsistent_rank_is_a_user_error() -> None:
