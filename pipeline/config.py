@@ -284,6 +284,8 @@ class TrainConfig(Section):
     """Print a progress line every N steps (terminal and logs/train.log); MLflow gets every step's metrics."""
     eval_every: int = Field(0, ge=0)
     """Evaluate on eval.split every N steps (0: only at the end)."""
+    dist_timeout_s: float | None = Field(None, gt=0)
+    """How long a rank waits in one collective (the process group's timeout), in seconds; unset: DeepSpeed's (DEEPSPEED_TIMEOUT minutes, 30 by default). A rank that waits longer (a peer that died without a word, or hangs) fails with the backend's timeout error instead of holding its GPUs."""
     peak_tflops: float | None = Field(None, gt=0)
     """Peak TFLOP/s of one device, for the MFU metric; unset: built in for known GPUs (H100, A100, ...) in bf16/fp16, none for fp32 or CPU."""
 

@@ -21,6 +21,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -175,7 +176,7 @@ def train(cfg: ExperimentConfig) -> int:
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel("WARNING")
-        deepspeed.init_distributed()
+        deepspeed.init_distributed(timeout=collective_timeout(cfg))
         with run_lock(cfg, dist_env):
             try:
                 code = Trainer(cfg, dist_env, checks).run(flag)
@@ -187,6 +188,13 @@ def train(cfg: ExperimentConfig) -> int:
         return code
     finally:
         flag.restore()
+
+
+def collective_timeout(cfg: ExperimentConfig) -> timedelta:
+    """train.dist_timeout_s, else DeepSpeed's own default (DEEPSPEED_TIMEOUT minutes)."""
+    from deepspeed.constants import default_pg_timeout  # lazy: seconds of import, off the CLI dispatch path
+
+    return default_pg_timeout if cfg.train.dist_timeout_s is None else timedelta(seconds=cfg.train.dist_timeout_s)
 
 
 @contextmanager
@@ -266,7 +274,8 @@ class Trainer:
         self.progress.info(f"ready in {time.perf_counter() - started:.1f} s: world size {dist_env.world_size}, "
                            f"global batch {self.plan.global_batch} = {self.plan.micro} x {self.plan.accum} x "
                            f"{self.plan.world}, ZeRO stage {zero_stage(self.ds_config)}, {json_precision(self.ds_config)}, "
-                           f"step {self.step}{resumed}; {peak_note}")
+                           f"step {self.step}{resumed}; collectives time out after "
+                           f"{collective_timeout(cfg).total_seconds():.0f} s; {peak_note}")
 
     def _write_run_files(self) -> None:
         """config.yaml, ds_config.json, the tokenizer and the data manifest: the run dir is self-contained."""
