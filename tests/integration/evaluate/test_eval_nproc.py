@@ -45,8 +45,10 @@ def eval_records(uri: str, run: Path) -> int:
 
 def assert_same_table(got: EvalResult, expected: EvalResult) -> None:
     assert (got.split, got.n_samples, got.segment_len) == (expected.split, expected.n_samples, expected.segment_len)
-    pairs = list(zip(got.segments + got.history, expected.segments + expected.history, strict=True))
-    pairs += list(zip(got.baseline.segments, expected.baseline.segments, strict=True))
+    assert (got.history is None, got.baseline is None) == (expected.history is None, expected.baseline is None)
+    pairs = list(zip(got.segments + (got.history or []), expected.segments + (expected.history or []), strict=True))
+    if expected.baseline is not None:
+        pairs += list(zip(got.baseline.segments, expected.baseline.segments, strict=True))
     for a, b in pairs:
         assert (a.tokens, a.recall_tokens) == (b.tokens, b.recall_tokens)
         assert a.nll_sum == pytest.approx(b.nll_sum, rel=REL)
@@ -72,6 +74,19 @@ def test_two_ranks_give_the_one_process_table(trained_run: TrainedRun, tmp_path:
     assert sum(" step 4: " in line for line in lines) == 1 and sum(line.startswith("wrote ") for line in lines) == 1
     assert eval_records(uri, run) == before + 2  # one record per eval: rank 0 alone logs
     assert "error" not in proc.stderr.lower(), proc.stderr
+
+
+def test_another_world_size_than_the_checkpoints_gives_the_same_table(trained_run: TrainedRun, tmp_path: Path) -> None:
+    """3 ranks on a 2-rank checkpoint: rank 0 writes DeepSpeed's universal conversion beside it, every
+    rank loads its share of that; 5 samples in batches of 2 leave rank 2 a padded share."""
+    run, _ = private_copy(trained_run, tmp_path)
+    settings = ["--set", "eval.max_samples=5", "eval.batch_size=2"]
+    one, out = tmp_path / "one.json", tmp_path / "eval.json"
+    memtrain("eval", "--checkpoint", str(run), "--json", str(one), *settings, cwd=tmp_path)
+    memtrain("eval", "--nproc", "3", "--checkpoint", str(run), "--json", str(out), *settings, cwd=tmp_path)
+    assert_same_table(EvalResult.from_json(out), EvalResult.from_json(one))
+    tag = find_latest(run / "checkpoints").name
+    assert (run / "checkpoints" / "universal" / tag).is_dir()
 
 
 def one_error_line(proc, command: str = "memtrain eval") -> str:

@@ -19,7 +19,7 @@ from pipeline.checkpoint import find_latest, read_state
 
 pytestmark = pytest.mark.slow
 
-TIMEOUT_S = 20  # train.dist_timeout_s: far above any wait in a tiny 2-rank run, also on a loaded machine
+TIMEOUT_S = 30  # train.dist_timeout_s: far above any wait in a tiny 2-rank run, also on a loaded machine
 SLOW_S = TIMEOUT_S + 15
 
 SLOW_CONVERSION = """
