@@ -256,6 +256,20 @@ def _quick_http_requests() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 
+def system_metrics_node_ids(ranks: Sequence[tuple[str, int]]) -> dict[int, str | None]:
+    """The node id each node's system metrics monitor logs under, by the global rank that runs it
+    (local rank 0), from every rank's ``(host name, local rank)``: None on one node (plain
+    ``system/...`` names); else the host name, with the node's index added where nodes share a host
+    name (containers, or several torchrun "nodes" on one machine) so that no two monitors write one
+    metric."""
+    leaders = [rank for rank, (_, local_rank) in enumerate(ranks) if local_rank == 0]
+    if len(leaders) == 1:
+        return {leaders[0]: None}
+    hosts = [ranks[rank][0] for rank in leaders]
+    unique = len(set(hosts)) == len(hosts)
+    return {rank: host if unique else f"{host}-{index}" for index, (rank, host) in enumerate(zip(leaders, hosts))}
+
+
 def start_system_metrics(cfg: ExperimentConfig, run_id: str | None, tracking_uri: str | None,
                          node_id: str | None) -> Any:
     """MLflow's own ``SystemMetricsMonitor`` on ``run_id`` (call it on local rank 0 of each node; its

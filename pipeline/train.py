@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import time
 import warnings
 from contextlib import contextmanager
@@ -41,7 +42,7 @@ from pipeline.flops import Throughput
 from pipeline.progress import Progress
 from pipeline.report import save_eval
 from pipeline.run_dir import LOCK_OWNER_ENV, RunDir, die_with_parent, lock_held_by_parent, tag_for
-from pipeline.tracking import start_system_metrics, start_tracking, stop_system_metrics
+from pipeline.tracking import start_system_metrics, start_tracking, stop_system_metrics, system_metrics_node_ids
 
 EXIT_PREEMPTED = launch.EXIT_PREEMPTED
 NAME_MAX = 255  # bytes in one file name on Linux file systems
@@ -300,21 +301,19 @@ class Trainer:
 
     def _start_system_metrics(self) -> Any:
         """Collective: rank 0 shares its run and store, and local rank 0 of every node starts MLflow's
-        system metrics monitor on that run (named after its host when the job spans several)."""
+        system metrics monitor on that run (under a node id of its own when the job spans several)."""
         if not (self.cfg.tracking.enabled and self.cfg.tracking.system_metrics):
             return None
-        import socket
-
         import torch.distributed as torch_dist  # lazy: torch
 
         shared = [self.tracker.run_id, getattr(self.tracker, "tracking_uri", None)]
         self.dist.broadcast_object_list(shared, src=0)
-        hosts: list[Any] = [None] * self.env.world_size
-        torch_dist.all_gather_object(hosts, socket.gethostname())
-        if self.env.local_rank != 0:
+        ranks: list[Any] = [None] * self.env.world_size
+        torch_dist.all_gather_object(ranks, (socket.gethostname(), self.env.local_rank))
+        node_ids = system_metrics_node_ids(ranks)
+        if self.env.rank not in node_ids:
             return None
-        node_id = socket.gethostname() if len(set(hosts)) > 1 else None
-        return start_system_metrics(self.cfg, shared[0], shared[1], node_id)
+        return start_system_metrics(self.cfg, shared[0], shared[1], node_ids[self.env.rank])
 
     def _loop(self, flag: PreemptionFlag) -> int:
         import torch  # lazy: seconds of import, off the CLI dispatch path

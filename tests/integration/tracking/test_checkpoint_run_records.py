@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,8 @@ from pipeline.cli import main
 from pipeline.evaluate import EvalResult
 from pipeline.run_dir import tag_for
 
-from processes import memtrain
+from ports import free_ports
+from processes import memtrain, process_env
 from shared_run import TrainedRun
 
 pytestmark = pytest.mark.slow
@@ -147,6 +151,31 @@ def test_resumed_training_logs_throughput_mfu_and_system_metrics(resumed_run, ml
     cpu = [step for step, _ in history(client, run_id, "system/cpu_utilization_percentage")]
     assert cpu and len(cpu) == len(set(cpu))
     assert "system/system_memory_usage_megabytes" in client.get_run(run_id).data.metrics
+
+
+def test_each_node_logs_its_own_system_metrics(trained_run: TrainedRun, mlflow_server, tmp_path: Path) -> None:
+    """Two torchrun "nodes" of one rank each on this machine: both ranks are local rank 0 of their node,
+    so each runs a system metrics monitor, under a node id of its own (the host name is the same for
+    both here, so the node's index is added); one monitor would miss a node, two under one name would
+    write one metric twice."""
+    run, run_id = run_on_server(trained_run, tmp_path, mlflow_server.uri)
+    step = json.loads(next((run / "checkpoints").glob("step_*/memtrain_state.json")).read_text())["step"]
+    port = free_ports()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         "-m", "pipeline.cli", "train", "--config", str(run / "config.yaml"), "--set", f"train.output_dir={run}",
+         f"train.max_steps={step + 1}", "tracking.system_metrics_interval_s=0.2"],
+        env=process_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(output[-3000:] for output in outputs)
+
+    metrics = MlflowClient(mlflow_server.uri).get_run(run_id).data.metrics
+    host = socket.gethostname()
+    for node in (0, 1):
+        assert f"system/{host}-{node}/cpu_utilization_percentage" in metrics, sorted(metrics)
+    assert not [key for key in metrics if key.startswith("system/") and key.count("/") == 1], sorted(metrics)
 
 
 def test_all_checkpoints_go_to_a_hub_branch_each_and_are_recorded(

@@ -9,7 +9,10 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.evaluate import EvalResult, NllRow
-from pipeline.tracking import METRICS_PER_REQUEST, NullTracker, _next_batch, _Spool, eval_metrics, final_curves, start_tracking
+from pipeline.tracking import (
+    METRICS_PER_REQUEST, NullTracker, _next_batch, _Spool, eval_metrics, final_curves, start_tracking,
+    system_metrics_node_ids,
+)
 
 
 def test_only_rank_zero_of_an_enabled_config_tracks() -> None:
@@ -58,6 +61,15 @@ def test_spool_keeps_a_header_and_drops_a_torn_last_line(tmp_path) -> None:
     assert [r["step"] for r in _Spool.read(spool.path)[1]] == [3, 4]
     reopened.clear()
     assert _Spool.read(spool.path) == (header, [])
+
+
+def test_one_system_metrics_monitor_per_node_each_under_its_own_name() -> None:
+    assert system_metrics_node_ids([("a", 0), ("a", 1)]) == {0: None}  # one node: plain system/... names
+    # ranks interleaved across nodes (an MPI round-robin placement): the monitors run on the local ranks 0
+    assert system_metrics_node_ids([("a", 0), ("b", 0), ("a", 1), ("b", 1)]) == {0: "a", 1: "b"}
+    # nodes that share a host name (containers, torchrun "nodes" on one machine) get their index too
+    assert system_metrics_node_ids([("c", 0), ("c", 1), ("c", 0), ("c", 1)]) == {0: "c-0", 2: "c-1"}
+    assert system_metrics_node_ids([("a", 0), ("a", 0), ("b", 0)]) == {0: "a-0", 1: "a-1", 2: "b-2"}
 
 
 def test_the_gpu_system_metrics_monitor_has_its_library() -> None:
