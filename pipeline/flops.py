@@ -57,14 +57,14 @@ def builtin_peak_tflops(device_name: str | None, precision: str) -> float | None
 
 def device_name() -> str | None:
     """The CUDA device's name, None on a CPU."""
-    import torch
+    import torch  # lazy: seconds of import; train.py, which imports this module, also runs the --nproc launcher
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def peak_memory_bytes() -> int:
     """The most memory this process has held: allocated on its GPU, resident on a CPU."""
-    import torch
+    import torch  # lazy: as in device_name
 
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
@@ -75,7 +75,7 @@ def peak_memory_bytes() -> int:
 @contextmanager
 def counting_flops(totals: list[int]) -> Iterator[None]:
     """Count the FLOPs run inside the block (any thread's autograd-free dispatches) and append them to ``totals``."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode  # lazy: as in device_name
 
     counter = FlopCounterMode(display=False)
     with counter:

@@ -33,6 +33,7 @@ def test_demo_settings_teach_memory_what_the_baseline_cannot_know(tmp_path: Path
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
         rmt, none = pool.map(train_and_evaluate, [config] * 2, [overrides, [*overrides, "memory.kind=none"]])
     rmt, none = later_segments(rmt), later_segments(none)
+    print(f"segments 1..: recall ppl rmt {rmt.recall_ppl:.2f} none {none.recall_ppl:.2f}; ppl rmt {rmt.ppl:.3f} none {none.ppl:.3f}")
     assert rmt.recall_tokens == none.recall_tokens > 100
     chance = cfg.data.synthetic.places
     assert none.recall_ppl > chance / 2, f"without memory a place is a guess among {chance}: {none.recall_ppl:.2f}"

@@ -43,6 +43,7 @@ def test_rmt_beats_none_on_real_text(tmp_path: Path, repo_root: Path) -> None:
                         pool.map(train_and_evaluate, [config] * 2, [overrides, [*overrides, "memory.kind=none"]]))
     first = rmt.segments[0].ppl, none.segments[0].ppl
     later = NllRow.combine(rmt.segments[1:]).ppl, NllRow.combine(none.segments[1:]).ppl
+    print(f"ppl segment 0: rmt {first[0]:.2f} none {first[1]:.2f}; segments 1..: rmt {later[0]:.2f} none {later[1]:.2f}")
     assert first[0] < 1.02 * first[1], f"segment 0: rmt {first[0]:.2f} vs none {first[1]:.2f}"
     assert later[0] < later[1], f"segments 1..: rmt {later[0]:.2f} vs none {later[1]:.2f}"
     assert none.history[0].ppl == pytest.approx(none.history[-1].ppl, rel=1e-4)

@@ -82,5 +82,6 @@ def test_recall_books_hold_the_fact_only_in_segment_0():
 @pytest.mark.slow
 def test_rmt_recalls_what_no_memory_cannot():
     rmt, none = train_and_score("rmt"), train_and_score("none")
+    print(f"recall NLL by segment 1..: rmt {rmt.tolist()} none {none.tolist()} chance {CHANCE:.2f}")  # -rP shows it
     assert bool((none > 0.9 * CHANCE).all()), f"without memory a recall is a guess ({CHANCE:.2f} nats), got {none}"
     assert bool((rmt < 0.25 * CHANCE).all()), f"rmt {rmt.tolist()} vs none {none.tolist()} (nats, segments 1..)"
