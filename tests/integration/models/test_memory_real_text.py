@@ -7,8 +7,8 @@ trainer's loop, tests/support/plain_training.py) and are scored on the same vali
 
 Asserted: rmt is no worse than none in segment 0 (2% room; measured 5.0% better) and better after
 it (measured 4.7% better; 2.3% and 2.2% before train.memory_lr_scale defaulted to 0.1). Both models start from the same seed and see the same batches, so what
-another CPU's kernels change is the last digits, not percents (README, the thread/kernel matrix of
-the effect test). Without the curriculum rmt is 12% worse than none in every segment: the failure
+another CPU's kernels change is the last digits, not percents (README, the thread/kernel matrix
+under `make test`). Without the curriculum rmt is 12% worse than none in every segment: the failure
 this test is for. With eval.history_target, none's last segment scores the same after any history
 (nothing flows between its segments); how much rmt's own memory adds (~1% at this budget) is
 reported in the README, not asserted: too small for a margin.
